@@ -1,0 +1,8 @@
+"""ringfeed's client: batches from a ringfeed server for ``model.fit`` and ``tf.data``.
+
+Imports neither numba nor ``loader_server``; TensorFlow only in the tf.data adapter.
+"""
+
+from .feed import Feed, FeedSpec, RemoteWorkerError, RingfeedError, ServerGoneError
+
+__all__ = ["Feed", "FeedSpec", "RemoteWorkerError", "RingfeedError", "ServerGoneError"]

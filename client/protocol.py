@@ -1,0 +1,244 @@
+"""The ringfeed wire protocol: commands, frame builders and strict parsers.
+
+Every message is a ZeroMQ multipart message ``[command, payload?]``. Fixed
+records are packed little-endian with ``struct``; variable records are UTF-8
+JSON objects of at most ``MAX_JSON_BYTES``. Nothing is ever unpickled or
+evaluated: every parser checks frame count, size and types, and raises
+``ProtocolError`` naming what it got and what it expected.
+
+Client <-> broker (the client's DEALER talks to the broker's ROUTER)::
+
+    HELLO  {version, start: [epoch, index], credit, pid, pidns} -> WELCOME {spec...}
+    ACK    <credit:u32> <slot:u32>*                   (more credit, released slots)
+    PING                                              (liveness, both directions)
+    BYE                                               (client leaves; its slots are freed)
+    STATUS                                            -> STATUS {counters...}
+    BATCH  <slot:u32 flags:u32 epoch:i64 index:i64 seq:u64>   (broker -> client)
+    ERROR  {kind, message, traceback?, epoch?, index?, sample?} (broker -> client)
+
+Worker <-> broker (internal ipc socket in the owner-only runtime folder)::
+
+    W_HELLO {worker, pid}          worker is warm and ready for tasks
+    TASK   <slot:u32 epoch:i64 index:i64>
+    W_DONE <slot:u32>
+    W_ERROR <slot:u32> {kind, message, traceback, epoch, index, sample}
+    STOP
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+MAX_JSON_BYTES = 64 * 1024
+MAX_RELEASES_PER_ACK = 4096
+
+HELLO = b"HELLO"
+WELCOME = b"WELCOME"
+ACK = b"ACK"
+PING = b"PING"
+BYE = b"BYE"
+STATUS = b"STATUS"
+BATCH = b"BATCH"
+ERROR = b"ERROR"
+
+W_HELLO = b"W_HELLO"
+TASK = b"TASK"
+W_DONE = b"W_DONE"
+W_ERROR = b"W_ERROR"
+STOP = b"STOP"
+
+FLAG_COPY = 1  # the client must copy the batch out and release the slot at once
+
+_BATCH = struct.Struct("<IIqqQ")
+_TASK = struct.Struct("<Iqq")
+_SLOT = struct.Struct("<I")
+_U32 = struct.Struct("<I")
+
+
+class ProtocolError(ValueError):
+    """A frame that does not follow the protocol."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchMsg:
+    slot: int
+    flags: int
+    epoch: int
+    index: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMsg:
+    slot: int
+    epoch: int
+    index: int
+
+
+def _expect_frames(frames: list, count: int, what: str) -> None:
+    if len(frames) != count:
+        raise ProtocolError(f"{what}: expected {count} frame(s), got {len(frames)}")
+
+
+def _unpack(fmt: struct.Struct, frame, what: str) -> tuple:
+    buf = memoryview(frame)
+    if buf.nbytes != fmt.size:
+        raise ProtocolError(f"{what}: expected a {fmt.size}-byte record, got {buf.nbytes} bytes")
+    return fmt.unpack(buf)
+
+
+def encode_json(obj: dict) -> bytes:
+    data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    if len(data) > MAX_JSON_BYTES:
+        raise ProtocolError(f"JSON payload of {len(data)} bytes exceeds {MAX_JSON_BYTES}")
+    return data
+
+
+def decode_json(frame, what: str) -> dict:
+    buf = memoryview(frame)
+    if buf.nbytes > MAX_JSON_BYTES:
+        raise ProtocolError(f"{what}: JSON payload of {buf.nbytes} bytes exceeds {MAX_JSON_BYTES}")
+    try:
+        obj = json.loads(bytes(buf).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what}: payload is not UTF-8 JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def json_field(obj: dict, key: str, kind: type | tuple, what: str, default=None):
+    """Read ``obj[key]`` and check its type; bools are not accepted as ints."""
+    if key not in obj:
+        if default is not None:
+            return default
+        raise ProtocolError(f"{what}: missing field {key!r}")
+    value = obj[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ProtocolError(f"{what}: field {key!r} must be {kind}, got bool")
+    if not isinstance(value, kinds):
+        raise ProtocolError(f"{what}: field {key!r} must be {kind}, got {type(value).__name__}")
+    return value
+
+
+# -- client -> broker ---------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class HelloMsg:
+    epoch: int
+    index: int
+    credit: int
+    pid: int  # the client's pid, meaningful only within the pid namespace ``pidns``
+    pidns: str
+
+
+def hello(start_epoch: int, start_index: int, credit: int, pid: int, pidns: str) -> list[bytes]:
+    return [HELLO, encode_json({"version": PROTOCOL_VERSION, "start": [start_epoch, start_index],
+                                "credit": credit, "pid": pid, "pidns": pidns})]
+
+
+def parse_hello(frames: list) -> HelloMsg:
+    _expect_frames(frames, 2, "HELLO")
+    obj = decode_json(frames[1], "HELLO")
+    version = json_field(obj, "version", int, "HELLO")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"HELLO: protocol version {version} is not supported (expected {PROTOCOL_VERSION})")
+    start = json_field(obj, "start", list, "HELLO")
+    if len(start) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in start):
+        raise ProtocolError(f"HELLO: 'start' must be [epoch, index] of non-negative ints, got {start!r}")
+    credit = json_field(obj, "credit", int, "HELLO")
+    if not 1 <= credit <= 1 << 16:
+        raise ProtocolError(f"HELLO: credit must be in [1, 65536], got {credit}")
+    pid = json_field(obj, "pid", int, "HELLO")
+    pidns = json_field(obj, "pidns", str, "HELLO")
+    if pid < 0 or len(pidns) > 256:
+        raise ProtocolError(f"HELLO: pid must be >= 0 and pidns at most 256 characters, got {pid}, {pidns[:64]!r}")
+    return HelloMsg(start[0], start[1], credit, pid, pidns)
+
+
+def ack(credit: int, releases: list[int]) -> list[bytes]:
+    return [ACK, _U32.pack(credit) + struct.pack(f"<{len(releases)}I", *releases)]
+
+
+def parse_ack(frames: list) -> tuple[int, tuple[int, ...]]:
+    _expect_frames(frames, 2, "ACK")
+    buf = memoryview(frames[1])
+    if buf.nbytes < 4 or buf.nbytes % 4 or buf.nbytes > 4 * (MAX_RELEASES_PER_ACK + 1):
+        raise ProtocolError(f"ACK: payload must be 4*(1+n) bytes with n <= {MAX_RELEASES_PER_ACK}, "
+                            f"got {buf.nbytes} bytes")
+    values = struct.unpack(f"<{buf.nbytes // 4}I", buf)
+    return values[0], values[1:]
+
+
+# -- broker -> client ---------------------------------------------------------
+
+def batch(msg: BatchMsg) -> list[bytes]:
+    return [BATCH, _BATCH.pack(msg.slot, msg.flags, msg.epoch, msg.index, msg.seq)]
+
+
+def parse_batch(frames: list) -> BatchMsg:
+    _expect_frames(frames, 2, "BATCH")
+    return BatchMsg(*_unpack(_BATCH, frames[1], "BATCH"))
+
+
+def error(kind: str, message: str, **details) -> list[bytes]:
+    body = {"kind": kind, "message": message[:8192]}
+    body.update({k: v for k, v in details.items() if v is not None})
+    if "traceback" in body:
+        body["traceback"] = str(body["traceback"])[-32768:]
+    return [ERROR, encode_json(body)]
+
+
+def parse_error(frames: list) -> dict:
+    _expect_frames(frames, 2, "ERROR")
+    obj = decode_json(frames[1], "ERROR")
+    json_field(obj, "kind", str, "ERROR")
+    json_field(obj, "message", str, "ERROR")
+    return obj
+
+
+# -- worker <-> broker --------------------------------------------------------
+
+def task(msg: TaskMsg) -> list[bytes]:
+    return [TASK, _TASK.pack(msg.slot, msg.epoch, msg.index)]
+
+
+def parse_task(frames: list) -> TaskMsg:
+    _expect_frames(frames, 2, "TASK")
+    return TaskMsg(*_unpack(_TASK, frames[1], "TASK"))
+
+
+def worker_done(slot: int) -> list[bytes]:
+    return [W_DONE, _SLOT.pack(slot)]
+
+
+def parse_worker_done(frames: list) -> int:
+    _expect_frames(frames, 2, "W_DONE")
+    return _unpack(_SLOT, frames[1], "W_DONE")[0]
+
+
+def worker_error(slot: int, details: dict) -> list[bytes]:
+    return [W_ERROR, _SLOT.pack(slot), encode_json(details)]
+
+
+def parse_worker_error(frames: list) -> tuple[int, dict]:
+    _expect_frames(frames, 3, "W_ERROR")
+    slot = _unpack(_SLOT, frames[1], "W_ERROR")[0]
+    obj = decode_json(frames[2], "W_ERROR")
+    json_field(obj, "kind", str, "W_ERROR")
+    json_field(obj, "message", str, "W_ERROR")
+    return slot, obj
+
+
+def worker_hello(worker: int, pid: int) -> list[bytes]:
+    return [W_HELLO, encode_json({"worker": worker, "pid": pid})]
+
+
+def parse_worker_hello(frames: list) -> tuple[int, int]:
+    _expect_frames(frames, 2, "W_HELLO")
+    obj = decode_json(frames[1], "W_HELLO")
+    return json_field(obj, "worker", int, "W_HELLO"), json_field(obj, "pid", int, "W_HELLO")

@@ -1,0 +1,74 @@
+"""Compose ``[[augment]]`` ops into one pass that writes into a ring slot.
+
+Geometry ops (crops, flips) come first and are fused into a single gather
+from the dataset, by sample index, straight into the slot. If the first pixel
+op is ``normalize`` it is fused into that gather too, so the common
+crop/flip/normalize pipeline touches each output element once. The remaining
+pixel ops then run in place on the slot.
+
+Output dtype: float32 if the features are float32 or any op needs float math
+(normalize, brightness, contrast, gaussian_noise); uint8 features are then
+scaled to [0, 1] first, so ``normalize`` computes (x/255 - mean)/std.
+Otherwise the features' own dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import ConfigError
+from . import kernels
+from .jit import select
+from .ops import OPS, Frame, GeoMap, Normalize, Op
+
+
+class Pipeline:
+    def __init__(self, specs, feature_shape: tuple, feature_dtype, compiled: bool = True):
+        self.compiled = compiled
+        self.feature_dtype = np.dtype(feature_dtype)
+        image = len(feature_shape) == 3
+        frame = Frame(*feature_shape, image=True) if image else Frame(1, 1, feature_shape[0], False)
+        self.ops: list[Op] = []
+        seen_pixel_op = None
+        for position, spec in enumerate(specs):
+            spec = dict(spec)
+            name = spec.pop("op")
+            where = f"augment[{position}] ({name})"
+            if name not in OPS:
+                raise ConfigError(f"{where}: unknown op {name!r}; known ops are {sorted(OPS)}")
+            op = OPS[name](where, spec, frame, position)
+            if op.geometry and seen_pixel_op:
+                raise ConfigError(f"{where}: geometry ops must come before pixel ops, "
+                                  f"but it follows {seen_pixel_op}")
+            seen_pixel_op = seen_pixel_op or (None if op.geometry else where)
+            frame = op.out_frame(frame)
+            self.ops.append(op)
+        self.geometry = [op for op in self.ops if op.geometry]
+        pixel = [op for op in self.ops if not op.geometry]
+        self.float_out = self.feature_dtype == np.float32 or any(op.float_math for op in pixel)
+        scale0 = 1.0 / 255.0 if self.feature_dtype == np.uint8 and self.float_out else 1.0
+        self.scale = np.full(frame.c, scale0, np.float32)
+        self.shift = np.zeros(frame.c, np.float32)
+        if pixel and isinstance(pixel[0], Normalize):
+            scale, shift = pixel.pop(0).affine()
+            self.scale, self.shift = self.scale * scale, shift
+        self.pixel = pixel
+        self.out_dtype = np.dtype(np.float32) if self.float_out else self.feature_dtype
+        self.out_shape = (frame.h, frame.w, frame.c) if image else (frame.c,)
+        self._frame = frame
+
+    def run(self, features: np.ndarray, idx: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
+        """Write the augmented samples ``features[idx]`` into ``out`` (B, *out_shape)."""
+        batch = len(idx)
+        src = features if features.ndim == 4 else features.reshape(len(features), 1, 1, -1)
+        dst = out.reshape(batch, self._frame.h, self._frame.w, self._frame.c)
+        geo = GeoMap.identity(batch)
+        for op in self.geometry:
+            op.apply(geo, keys)
+        if self.float_out:
+            select(kernels.gather_convert, self.compiled)(
+                src, idx, geo.ay, geo.ax, geo.sy, geo.sx, self.scale, self.shift, dst)
+        else:
+            select(kernels.gather_copy, self.compiled)(src, idx, geo.ay, geo.ax, geo.sy, geo.sx, dst)
+        for op in self.pixel:
+            op.run(dst, keys, self.compiled)

@@ -1,0 +1,389 @@
+"""The broker: one ZeroMQ poll loop that owns every slot's state.
+
+Clients talk to the frontend ROUTER, workers to the backend ROUTER; worker
+process sentinels sit in the same poller. Each pass of the loop handles what
+arrived, then ``_schedule`` hands tasks to warm workers with spare capacity
+while there are FREE slots and clients with unused credit, and ``_deliver``
+sends READY slots to their client in batch order (or as they finish, when
+``ordered`` is off).
+
+Per client the broker keeps a cursor of batch numbers (``seq``; batch
+``start + seq`` of the stream is (epoch, index) = divmod(..., steps_per_epoch)),
+its credit and a reorder buffer. A dead worker's slots are freed and its
+batches recomputed first; a client that goes quiet for ``1.5 * heartbeat_s``
+loses its slots.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+
+from client import protocol
+from client.paths import pid_namespace
+from client.protocol import BatchMsg, ProtocolError, TaskMsg
+
+from .config import Config
+from .pool import RestartLimitError, WorkerPool
+from .procs import pid_alive
+from .ring import Layout, SlotState
+
+log = logging.getLogger("ringfeed.broker")
+
+TICK_S = 0.1
+WORKER_INFLIGHT = 2
+RATE_WINDOW_S = 5.0
+CLIENT_TIMEOUT_FACTOR = 1.5
+LOCAL_CLIENT_SILENCE_S = 60.0
+MAX_DEATHS_PER_BATCH = 3
+
+
+@dataclass
+class Slot:
+    state: SlotState = SlotState.FREE
+    worker: int | None = None
+    client: bytes | None = None
+    seq: int = -1
+    epoch: int = -1
+    index: int = -1
+
+
+@dataclass
+class WorkerState:
+    identity: bytes | None = None
+    inflight: set = field(default_factory=set)
+
+
+@dataclass
+class ClientState:
+    identity: bytes
+    start: int
+    credit: int
+    last_seen: float
+    local_pid: int | None  # set when the client shares our pid namespace
+    next_seq: int = 0
+    next_deliver: int = 0
+    scheduled: int = 0
+    ready: dict = field(default_factory=dict)
+    leased: set = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Retask:
+    client: bytes
+    seq: int
+
+
+class Broker:
+    def __init__(self, config: Config, layout: Layout, pool: WorkerPool, frontend: zmq.Socket,
+                 backend: zmq.Socket, welcome: dict, on_ready):
+        self.config, self.layout, self.pool = config, layout, pool
+        self.frontend, self.backend = frontend, backend
+        self.welcome = welcome
+        self.steps = welcome["steps_per_epoch"]
+        self.on_ready = on_ready
+        self.is_ready = False
+        self.slots = [Slot() for _ in range(layout.slots)]
+        self.free = deque(range(layout.slots))
+        self.workers = {wid: WorkerState() for wid in pool.procs}
+        self.identities: dict[bytes, int] = {}
+        self.clients: dict[bytes, ClientState] = {}
+        self.retask: deque[Retask] = deque()
+        self.deaths: dict[Retask, int] = {}
+        self.served = 0
+        self.served_times: deque[float] = deque()
+        self.protocol_errors = 0
+        self.started = time.monotonic()
+        self.last_ping = 0.0
+        self.max_credit = max(1, layout.slots // 2)
+        self.pidns = pid_namespace()
+
+    # -- main loop -------------------------------------------------------
+
+    def run(self, should_stop) -> None:
+        while not should_stop():
+            poller = zmq.Poller()
+            poller.register(self.frontend, zmq.POLLIN)
+            poller.register(self.backend, zmq.POLLIN)
+            sentinels = self.pool.sentinels()
+            for fd in sentinels:
+                poller.register(fd, zmq.POLLIN)
+            events = dict(poller.poll(TICK_S * 1000))
+            if self.backend in events:
+                self._drain(self.backend, self._on_worker_message)
+            if self.frontend in events:
+                self._drain(self.frontend, self._on_client_message)
+            for fd, wid in sentinels.items():
+                if fd in events:
+                    self._on_worker_exit(wid)
+            self._expire_clients()
+            self._schedule()
+            self._ping_clients()
+
+    def stop_workers(self) -> None:
+        for state in self.workers.values():
+            if state.identity:
+                self.backend.send_multipart([state.identity, protocol.STOP])
+
+    def _drain(self, sock: zmq.Socket, handler) -> None:
+        for _ in range(1000):  # bounded, so one busy side cannot starve the other
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    # -- workers ---------------------------------------------------------
+
+    def _on_worker_message(self, frames: list[bytes]) -> None:
+        identity, body = frames[0], frames[1:]
+        command = body[0] if body else b""
+        try:
+            if command == protocol.W_HELLO:
+                self._on_worker_hello(identity, *protocol.parse_worker_hello(body))
+            elif command == protocol.W_DONE:
+                self._on_worker_done(identity, protocol.parse_worker_done(body))
+            elif command == protocol.W_ERROR:
+                self._on_worker_error(identity, *protocol.parse_worker_error(body))
+            else:
+                raise ProtocolError(f"unknown worker command {command[:32]!r}")
+        except ProtocolError as exc:
+            self.protocol_errors += 1
+            log.warning("bad frame from worker %r: %s", identity, exc)
+
+    def _on_worker_hello(self, identity: bytes, worker_id: int, pid: int) -> None:
+        if worker_id not in self.workers or self.pool.pid(worker_id) != pid:
+            raise ProtocolError(f"W_HELLO from unknown worker {worker_id} (pid {pid})")
+        self.workers[worker_id].identity = identity
+        self.identities[identity] = worker_id
+        if not self.is_ready and all(w.identity for w in self.workers.values()):
+            self.is_ready = True
+            self.on_ready()
+
+    def _slot_of_worker(self, identity: bytes, slot: int) -> Slot:
+        worker_id = self.identities.get(identity)
+        if worker_id is None or not 0 <= slot < len(self.slots) or slot not in self.workers[worker_id].inflight:
+            raise ProtocolError(f"worker {identity!r} reported slot {slot}, which it is not filling")
+        self.workers[worker_id].inflight.discard(slot)
+        return self.slots[slot]
+
+    def _on_worker_done(self, identity: bytes, slot_id: int) -> None:
+        slot = self._slot_of_worker(identity, slot_id)
+        client = self.clients.get(slot.client)
+        self.deaths.pop(Retask(slot.client, slot.seq), None)
+        if client is None:
+            self._free(slot_id)
+            return
+        slot.state, slot.worker = SlotState.READY, None
+        client.ready[slot.seq] = slot_id
+        self._deliver(client)
+
+    def _on_worker_error(self, identity: bytes, slot_id: int, details: dict) -> None:
+        slot = self._slot_of_worker(identity, slot_id)
+        client = self.clients.get(slot.client)
+        self._free(slot_id)
+        if client is not None:
+            client.scheduled -= 1
+            self._send_client(client.identity, protocol.error(
+                details["kind"], details["message"], traceback=details.get("traceback"),
+                epoch=slot.epoch, index=slot.index, worker_pid=details.get("worker_pid")))
+
+    def _on_worker_exit(self, worker_id: int) -> None:
+        state = self.workers[worker_id]
+        self.identities.pop(state.identity, None)
+        for slot_id in sorted(state.inflight, key=lambda s: self.slots[s].seq):
+            slot = self.slots[slot_id]
+            if slot.client in self.clients:
+                task = Retask(slot.client, slot.seq)
+                self.deaths[task] = self.deaths.get(task, 0) + 1
+                self.retask.append(task)
+                self.clients[slot.client].scheduled -= 1
+            self._free(slot_id)
+        self.workers[worker_id] = WorkerState()
+        try:
+            code = self.pool.replace_dead(worker_id)
+        except RestartLimitError as exc:
+            del self.workers[worker_id]
+            log.error("not replacing worker %d: %s", worker_id, exc)
+            if not self.workers:
+                for client in list(self.clients.values()):
+                    self._send_client(client.identity, protocol.error("WorkerError", f"no workers left: {exc}"))
+            return
+        self._fail_poison_batches(code)
+
+    def _fail_poison_batches(self, exit_code) -> None:
+        for task in [t for t in self.retask if self.deaths.get(t, 0) >= MAX_DEATHS_PER_BATCH]:
+            self.retask.remove(task)
+            self.deaths.pop(task)
+            epoch, index = self._position(self.clients[task.client], task.seq)
+            self._send_client(task.client, protocol.error(
+                "WorkerCrash", f"batch (epoch {epoch}, index {index}) killed {MAX_DEATHS_PER_BATCH} "
+                f"workers; the last exited with code {exit_code}", epoch=epoch, index=index))
+
+    # -- clients ---------------------------------------------------------
+
+    def _on_client_message(self, frames: list[bytes]) -> None:
+        identity, body = frames[0], frames[1:]
+        command = body[0] if body else b""
+        client = self.clients.get(identity)
+        try:
+            if command == protocol.HELLO:
+                self._on_hello(identity, protocol.parse_hello(body))
+            elif command == protocol.STATUS:
+                self._send_client(identity, [protocol.STATUS, protocol.encode_json(self.status())])
+            elif client is None:
+                raise ProtocolError(f"command {command[:32]!r} from a client that has not said HELLO")
+            elif command == protocol.ACK:
+                self._on_ack(client, *protocol.parse_ack(body))
+            elif command == protocol.PING:
+                client.last_seen = time.monotonic()
+            elif command == protocol.BYE:
+                self._drop_client(client)
+            else:
+                raise ProtocolError(f"unknown command {command[:32]!r}")
+        except ProtocolError as exc:
+            self.protocol_errors += 1
+            self._send_client(identity, protocol.error("ProtocolError", str(exc)))
+
+    def _on_hello(self, identity: bytes, hello: protocol.HelloMsg) -> None:
+        if hello.index >= self.steps:
+            raise ProtocolError(f"HELLO: start index {hello.index} is past the epoch ({self.steps} batches)")
+        if identity in self.clients:
+            self._drop_client(self.clients[identity])
+        credit = min(hello.credit, self.max_credit)
+        local_pid = hello.pid if hello.pid > 0 and hello.pidns and hello.pidns == self.pidns else None
+        self.clients[identity] = ClientState(identity, hello.epoch * self.steps + hello.index, credit,
+                                             time.monotonic(), local_pid)
+        self._send_client(identity, [protocol.WELCOME, protocol.encode_json({**self.welcome, "credit": credit})])
+
+    def _on_ack(self, client: ClientState, credit: int, releases: tuple[int, ...]) -> None:
+        client.last_seen = time.monotonic()
+        client.credit = min(client.credit + credit, self.max_credit)
+        for slot_id in releases:
+            if slot_id not in client.leased:
+                raise ProtocolError(f"ACK releases slot {slot_id}, which this client does not hold")
+            client.leased.discard(slot_id)
+            self._free(slot_id)
+
+    def _drop_client(self, client: ClientState) -> None:
+        del self.clients[client.identity]
+        for slot_id in list(client.leased) + list(client.ready.values()):
+            self._free(slot_id)
+        self.retask = deque(t for t in self.retask if t.client != client.identity)
+
+    def _client_gone(self, client: ClientState, now: float) -> bool:
+        """A local client is gone when its process is; a remote one when it stops pinging.
+        A live local process may be silent for long (an import holding the GIL, say)."""
+        silent = now - client.last_seen
+        if client.local_pid is not None:
+            return not pid_alive(client.local_pid) or silent > LOCAL_CLIENT_SILENCE_S
+        return silent > CLIENT_TIMEOUT_FACTOR * self.config.heartbeat_s
+
+    def _expire_clients(self) -> None:
+        now = time.monotonic()
+        for client in [c for c in self.clients.values() if self._client_gone(c, now)]:
+            log.warning("client %r (pid %s) gone, silent for %.1f s; reclaiming its %d slot(s)",
+                        client.identity, client.local_pid, now - client.last_seen,
+                        len(client.leased) + len(client.ready))
+            self._drop_client(client)
+
+    def _ping_clients(self) -> None:
+        now = time.monotonic()
+        if now - self.last_ping >= self.config.heartbeat_s / 2:
+            self.last_ping = now
+            for identity in self.clients:
+                self._send_client(identity, [protocol.PING])
+
+    def _send_client(self, identity: bytes, frames: list[bytes]) -> None:
+        self.frontend.send_multipart([identity, *frames])
+
+    # -- scheduling and delivery ------------------------------------------
+
+    def _position(self, client: ClientState, seq: int) -> tuple[int, int]:
+        return divmod(client.start + seq, self.steps)
+
+    def _next_task(self) -> Retask | None:
+        while self.retask:
+            task = self.retask.popleft()
+            if task.client in self.clients:
+                return task
+        hungry = [c for c in self.clients.values() if c.credit - c.scheduled > 0]
+        if not hungry:
+            return None
+        client = min(hungry, key=lambda c: c.scheduled - c.credit)
+        client.next_seq += 1
+        return Retask(client.identity, client.next_seq - 1)
+
+    def _schedule(self) -> None:
+        while self.free:
+            idle = [(len(w.inflight), wid) for wid, w in self.workers.items()
+                    if w.identity and len(w.inflight) < WORKER_INFLIGHT]
+            if not idle:
+                return
+            task = self._next_task()
+            if task is None:
+                return
+            worker_id = min(idle)[1]
+            client = self.clients[task.client]
+            epoch, index = self._position(client, task.seq)
+            slot_id = self.free.popleft()
+            self.slots[slot_id] = Slot(SlotState.FILLING, worker_id, task.client, task.seq, epoch, index)
+            self.workers[worker_id].inflight.add(slot_id)
+            client.scheduled += 1
+            self.backend.send_multipart([self.workers[worker_id].identity,
+                                         *protocol.task(TaskMsg(slot_id, epoch, index))])
+
+    def _deliver(self, client: ClientState) -> None:
+        while client.ready:
+            seq = client.next_deliver if self.config.ordered else next(iter(client.ready))
+            slot_id = client.ready.pop(seq, None)
+            if slot_id is None:
+                return
+            client.next_deliver += self.config.ordered
+            slot = self.slots[slot_id]
+            slot.state = SlotState.LEASED
+            client.leased.add(slot_id)
+            client.credit -= 1
+            client.scheduled -= 1
+            leased = sum(len(c.leased) for c in self.clients.values())
+            # Keep enough slots out of client hands for every worker to keep filling.
+            flags = protocol.FLAG_COPY if leased > len(self.slots) - len(self.workers) else 0
+            self._send_client(client.identity, protocol.batch(
+                BatchMsg(slot_id, flags, slot.epoch, slot.index, seq)))
+            self.served += 1
+            self.served_times.append(time.monotonic())
+
+    def _free(self, slot_id: int) -> None:
+        self.slots[slot_id] = Slot()
+        self.free.append(slot_id)
+
+    # -- status ----------------------------------------------------------
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        while self.served_times and now - self.served_times[0] > RATE_WINDOW_S:
+            self.served_times.popleft()
+        window = min(RATE_WINDOW_S, now - self.started) or 1.0
+        counts = {state.value: 0 for state in SlotState}
+        for slot in self.slots:
+            counts[slot.state.value] += 1
+        return {
+            "name": self.config.name,
+            "endpoint": self.config.endpoint,
+            "ready": self.is_ready,
+            "workers": self.pool.alive(),
+            "workers_configured": self.config.workers,
+            "worker_restarts": self.pool.restarts_total,
+            "slots": {"total": len(self.slots), **counts},
+            "clients": len(self.clients),
+            "batches_served": self.served,
+            "samples_per_s": round(len(self.served_times) * self.config.batch_size / window, 1),
+            "batch_size": self.config.batch_size,
+            "steps_per_epoch": self.steps,
+            "protocol_errors": self.protocol_errors,
+            "uptime_s": round(now - self.started, 1),
+        }

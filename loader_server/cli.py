@@ -1,0 +1,150 @@
+"""The ``ringfeed`` command: serve, start, stop, status, cleanup, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from client.paths import default_endpoint
+from client.status import query_status
+
+from . import background, shm
+from .config import Config, ConfigError, from_mapping, load_toml
+
+# flag -> Config field; flags win over the TOML file
+SERVE_FLAGS = {
+    "--data": ("data", str),
+    "--batch-size": ("batch_size", int),
+    "--workers": ("workers", int),
+    "--slots": ("slots", int),
+    "--seed": ("seed", int),
+    "--sampling": ("sampling", str),
+    "--endpoint": ("endpoint", str),
+    "--steps-per-epoch": ("steps_per_epoch", int),
+}
+
+
+def _add_serve_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML file; its keys mirror the flags (batch_size, ...)")
+    for flag, (field, kind) in SERVE_FLAGS.items():
+        parser.add_argument(flag, dest=field, type=kind)
+    parser.add_argument("--name", default=None, help="service name, for several services per host")
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    overrides = {field: getattr(args, field) for field, _ in SERVE_FLAGS.values()}
+    overrides["name"] = args.name
+    if args.config:
+        return load_toml(args.config, **overrides)
+    return from_mapping({k: v for k, v in overrides.items() if v is not None})
+
+
+def _serve_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["--config", args.config] if args.config else []
+    for flag, (field, _) in SERVE_FLAGS.items():
+        if getattr(args, field) is not None:
+            argv += [flag, str(getattr(args, field))]
+    return argv + (["--name", args.name] if args.name else [])
+
+
+def cmd_serve(args) -> int:
+    from .service import run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_server(_config_from(args))
+    return 0
+
+
+def cmd_start(args) -> int:
+    config = _config_from(args)  # refuse bad flags here, before detaching
+    state = background.start(_serve_argv(args), config.name, config.start_timeout_s)
+    print(f"ringfeed {config.name!r} started: pid {state['pid']}, endpoint {state['endpoint']}, "
+          f"log {state['log']}")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    name = args.name or "default"
+    pid = background.stop(name)
+    print(f"ringfeed {name!r} stopped (pid {pid})" if pid else f"ringfeed {name!r} is not running")
+    return 0
+
+
+def cmd_status(args) -> int:
+    name = args.name or "default"
+    endpoint = args.endpoint
+    if endpoint is None:
+        state = background.read_state(name)
+        endpoint = state["endpoint"] if state else default_endpoint(name)
+    status = query_status(endpoint, args.timeout_s)
+    if args.json:
+        print(json.dumps({"running": status is not None, "endpoint": endpoint, **(status or {})}))
+    elif status is None:
+        print(f"ringfeed {name!r}: not running (nothing answered at {endpoint})")
+    else:
+        slots = status["slots"]
+        print(f"ringfeed {status['name']!r} at {status['endpoint']}\n"
+              f"  workers        {status['workers']}/{status['workers_configured']} "
+              f"(restarts {status['worker_restarts']})\n"
+              f"  slots          {slots['total']}: {slots['free']} free, {slots['filling']} filling, "
+              f"{slots['ready']} ready, {slots['leased']} leased\n"
+              f"  clients        {status['clients']}\n"
+              f"  batches served {status['batches_served']}\n"
+              f"  samples/s      {status['samples_per_s']:.0f}")
+    return 0 if status is not None else 1
+
+
+def cmd_cleanup(args) -> int:
+    removed = shm.remove_stale()
+    print(f"removed {len(removed)} stale segment(s)" + "".join(f"\n  /dev/shm/{n}" for n in removed))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(epochs=args.epochs, workers=args.workers, use_tf_dataset=args.tf_dataset)
+    return 0 if result["val_accuracy"] >= 0.9 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ringfeed", description="A shared-memory data-loading service "
+                                     "that feeds Keras model.fit from numba workers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_text in (("serve", cmd_serve, "run the server in the foreground"),
+                                ("start", cmd_start, "start the server in the background")):
+        p = sub.add_parser(name, help=help_text)
+        _add_serve_options(p)
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("stop", help="stop a background server")
+    p.add_argument("--name")
+    p.set_defaults(fn=cmd_stop)
+    p = sub.add_parser("status", help="show slots, batches served, samples/s and workers")
+    p.add_argument("--name")
+    p.add_argument("--endpoint")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout-s", type=float, default=2.0)
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("cleanup", help="remove shared memory left by servers that died")
+    p.set_defaults(fn=cmd_cleanup)
+    p = sub.add_parser("demo", help="train a small convnet on scikit-learn's digits through ringfeed")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--tf-dataset", action="store_true", help="feed model.fit through as_tf_dataset()")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, background.BackgroundError) as exc:
+        print(f"ringfeed: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

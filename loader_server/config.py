@@ -1,0 +1,113 @@
+"""Frozen, validated service options, loaded from TOML with flags over it.
+
+Every bad value is refused in ``__post_init__`` with a ``ConfigError`` that
+names the option, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from client.paths import default_endpoint
+
+SAMPLING_MODES = ("shuffle", "replacement")
+
+
+class ConfigError(ValueError):
+    """A bad option, data file or pipeline, found before anything starts."""
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, minimum_exclusive: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > minimum_exclusive:
+        raise ConfigError(f"{name} must be a number > {minimum_exclusive}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: str | None = None
+    batch_size: int = 32
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    slots: int | None = None
+    seed: int = 0
+    sampling: str = "shuffle"
+    steps_per_epoch: int | None = None
+    endpoint: str | None = None
+    name: str = "default"
+    ordered: bool = True
+    augment: tuple = ()
+    jit: bool = True
+    threads_per_worker: int = 1
+    heartbeat_s: float = 1.0
+    start_timeout_s: float = 300.0
+    max_worker_restarts: int = 10
+
+    def __post_init__(self) -> None:
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("workers", self.workers, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("threads_per_worker", self.threads_per_worker, 1)
+        _check_int("max_worker_restarts", self.max_worker_restarts, 0)
+        _check_number("heartbeat_s", self.heartbeat_s, 0.0)
+        _check_number("start_timeout_s", self.start_timeout_s, 0.0)
+        if self.slots is None:
+            # Each worker holds two tasks in flight; leave room for client leases.
+            object.__setattr__(self, "slots", max(8, 2 * self.workers + 6))
+        _check_int("slots", self.slots, 3)
+        if self.steps_per_epoch is not None:
+            _check_int("steps_per_epoch", self.steps_per_epoch, 1)
+        if self.sampling not in SAMPLING_MODES:
+            raise ConfigError(f"sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
+        if not isinstance(self.ordered, bool) or not isinstance(self.jit, bool):
+            raise ConfigError(f"ordered and jit must be true or false, got {self.ordered!r}, {self.jit!r}")
+        if not isinstance(self.name, str) or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"name must be letters, digits, '-' or '_', got {self.name!r}")
+        if self.data is not None and not isinstance(self.data, str):
+            raise ConfigError(f"data must be a path string, got {self.data!r}")
+        if self.endpoint is None:
+            object.__setattr__(self, "endpoint", default_endpoint(self.name))
+        if not isinstance(self.endpoint, str) or not self.endpoint.startswith(("ipc://", "tcp://")):
+            raise ConfigError(f"endpoint must look like ipc://PATH or tcp://HOST:PORT, got {self.endpoint!r}")
+        augment = tuple(self.augment)
+        for i, spec in enumerate(augment):
+            if not isinstance(spec, dict) or not isinstance(spec.get("op"), str):
+                raise ConfigError(f"augment[{i}] must be a table with a string 'op', got {spec!r}")
+        object.__setattr__(self, "augment", augment)
+
+    def with_overrides(self, **overrides: Any) -> "Config":
+        """A copy with the given options replaced; ``None`` values are ignored."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+CONFIG_KEYS = frozenset(f.name for f in fields(Config))
+
+
+def from_mapping(options: dict[str, Any]) -> Config:
+    unknown = sorted(set(options) - CONFIG_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; known options are {sorted(CONFIG_KEYS)}")
+    return Config(**options)
+
+
+def load_toml(path: str | os.PathLike, **overrides: Any) -> Config:
+    """Read a ringfeed TOML file; ``overrides`` (flags) win over the file."""
+    path = Path(path)
+    try:
+        options = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    if "data" in options and isinstance(options["data"], str):
+        data = Path(options["data"]).expanduser()
+        options["data"] = str(data if data.is_absolute() else path.parent / data)
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    return from_mapping(options)

@@ -1,0 +1,87 @@
+"""The ring: one shared-memory segment of ``slots`` equal slots, each holding one batch.
+
+Slot ``k`` starts at ``k * slot_bytes`` (a multiple of the page size); inside
+it the features array ``x`` and the labels array ``y`` each start on a
+64-byte boundary, so TensorFlow can alias them without a copy. The layout is
+sent to clients as plain JSON; they map the same file and build the same views.
+
+Slot states belong to the broker alone::
+
+    FREE -> FILLING(worker) -> READY -> LEASED(client) -> FREE
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import shm
+
+ALIGN = 64
+PAGE = mmap.PAGESIZE
+
+
+class SlotState(enum.Enum):
+    FREE = "free"
+    FILLING = "filling"
+    READY = "ready"
+    LEASED = "leased"
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclass(frozen=True)
+class Layout:
+    segment: str
+    slots: int
+    slot_bytes: int
+    x_offset: int
+    x_shape: tuple
+    x_dtype: str
+    y_offset: int
+    y_shape: tuple
+    y_dtype: str
+
+    @classmethod
+    def plan(cls, segment: str, slots: int, x_shape: tuple, x_dtype, y_shape: tuple, y_dtype) -> "Layout":
+        x_dtype, y_dtype = np.dtype(x_dtype), np.dtype(y_dtype)
+        x_bytes = int(np.prod(x_shape)) * x_dtype.itemsize
+        y_offset = _round_up(x_bytes, ALIGN)
+        y_bytes = int(np.prod(y_shape)) * y_dtype.itemsize
+        slot_bytes = _round_up(y_offset + y_bytes, PAGE)
+        return cls(segment, slots, slot_bytes, 0, tuple(x_shape), x_dtype.str, y_offset,
+                   tuple(y_shape), y_dtype.str)
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots * self.slot_bytes
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+class Ring:
+    """The server's mapping of the ring segment and per-slot array views."""
+
+    def __init__(self, layout: Layout, create: bool):
+        self.layout = layout
+        if create:
+            shm.check_space(layout.nbytes, f"a ring of {layout.slots} slots x {layout.slot_bytes} bytes")
+            self._mm = shm.create(layout.segment, layout.nbytes)
+        else:
+            self._mm = shm.attach(layout.segment)
+        self.x = [self._view(k, layout.x_offset, layout.x_shape, layout.x_dtype) for k in range(layout.slots)]
+        self.y = [self._view(k, layout.y_offset, layout.y_shape, layout.y_dtype) for k in range(layout.slots)]
+
+    def _view(self, slot: int, offset: int, shape: tuple, dtype: str) -> np.ndarray:
+        return np.ndarray(shape, np.dtype(dtype), buffer=self._mm, offset=slot * self.layout.slot_bytes + offset)
+
+    def close(self) -> None:
+        """Drop the views, then unmap; call only when no view is referenced elsewhere."""
+        self.x, self.y = [], []
+        self._mm.close()

@@ -1,0 +1,237 @@
+"""Run a ringfeed server: foreground (``run_server``) or from Python (``Service``).
+
+Start-up: remove stale segments of dead servers, open and validate the data,
+build the pipeline and compute one batch in-process (so bad config and kernels
+that fail to compile are refused here, with a clear message, and the numba
+cache is warm for the workers), create the ring, start the workers, and bind
+the client endpoint only once every worker has said hello. Then write the
+state file (pid, endpoint) that ``ringfeed status/stop`` read.
+
+Shutdown protocol, the one place it is written down:
+
+1. SIGTERM or SIGINT sets the stop flag; the broker loop ends within ``TICK_S``.
+2. Every worker is sent STOP (a sentinel task).
+3. ``join(JOIN_TIMEOUT_S)``, then terminate, then kill what is left.
+4. Sockets close with zero linger; the ring and data segments are unlinked;
+   the ipc socket files and the state file are removed.
+
+Steps 2-4 also run when start-up fails part way. ``Service.stop`` is
+idempotent, and a server killed outright is cleaned up by the next start
+(``shm.remove_stale``). Workers never outlive the server (see ``worker.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import signal
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from client.paths import ensure_runtime_dir, state_file
+
+from . import shm, sources
+from .broker import Broker
+from .config import Config, ConfigError
+from .pool import WorkerPool
+from .ring import Layout, Ring
+from .worker import BatchMaker, WorkerSpec
+
+log = logging.getLogger("ringfeed.service")
+
+STOP_TIMEOUT_S = 15.0
+
+
+def _ipc_path(endpoint: str) -> Path | None:
+    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+
+
+def prepare_source(config: Config, token: str) -> tuple[sources.SourceRef, list[str]]:
+    """Open and validate ``config.data``; return how workers find it and the segments to unlink."""
+    if config.data is None:
+        raise ConfigError("no data: give --data PATH (a folder with features.npy and labels.npy, "
+                          "or an .npz file)")
+    features, labels = sources.load_path(config.data)
+    sources.validate(features, labels, config.batch_size)
+    if isinstance(features, np.memmap):
+        path = Path(config.data)
+        return sources.SourceRef(str(path / "features.npy"), str(path / "labels.npy")), []
+    segment = shm.segment_name(os.getpid(), token, "data")
+    return sources.publish(features, labels, segment), [segment]
+
+
+def run_server(config: Config, source: sources.SourceRef | None = None, on_ready=None) -> None:
+    """Serve until SIGTERM/SIGINT. ``source`` overrides ``config.data`` (already published arrays)."""
+    stop = {"flag": False}
+
+    def request_stop(signum, frame):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    runtime = ensure_runtime_dir()
+    removed = shm.remove_stale()
+    if removed:
+        log.info("removed stale segments of dead servers: %s", removed)
+    token = secrets.token_hex(4)
+    owned: list[str] = []
+    cleanup_paths = [state_file(config.name)]
+    ctx = zmq.Context.instance()
+    frontend = backend = pool = ring = broker = None
+    try:
+        if source is None:
+            source, owned = prepare_source(config, token)
+        maker = BatchMaker(config, source)
+        x_shape = (config.batch_size, *maker.pipeline.out_shape)
+        y_shape = (config.batch_size, *maker.labels.shape[1:])
+        x, y = np.empty(x_shape, maker.pipeline.out_dtype), np.empty(y_shape, maker.labels.dtype)
+        maker.make(0, 0, x, y)  # refuses kernels that fail, and warms the numba cache for the workers
+        del x, y
+        layout = Layout.plan(shm.segment_name(os.getpid(), token, "ring"), config.slots,
+                             x_shape, maker.pipeline.out_dtype, y_shape, maker.labels.dtype)
+        ring = Ring(layout, create=True)
+        owned.append(layout.segment)
+        welcome = {
+            "layout": layout.to_json(), "batch_size": config.batch_size,
+            "steps_per_epoch": maker.sampler.steps_per_epoch, "samples": len(maker.features),
+            "heartbeat_s": config.heartbeat_s, "ordered": config.ordered, "server_pid": os.getpid(),
+        }
+        backend_endpoint = f"ipc://{runtime / f'{config.name}-{token}-workers.sock'}"
+        backend = ctx.socket(zmq.ROUTER)
+        backend.setsockopt(zmq.LINGER, 0)
+        backend.bind(backend_endpoint)
+        cleanup_paths.append(_ipc_path(backend_endpoint))
+        frontend = ctx.socket(zmq.ROUTER)
+        frontend.setsockopt(zmq.LINGER, 0)
+        frontend.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        spec = WorkerSpec(0, backend_endpoint, config, source, layout, os.getpid())
+        pool = WorkerPool(spec, config.workers, config.max_worker_restarts)
+        started = time.monotonic()
+
+        def ready():
+            frontend.bind(config.endpoint)
+            ipc = _ipc_path(config.endpoint)
+            if ipc is not None:
+                ipc.chmod(0o600)
+                cleanup_paths.append(ipc)
+            state_file(config.name).write_text(json.dumps(
+                {"pid": os.getpid(), "endpoint": config.endpoint, "name": config.name}))
+            log.info("ready: %d workers, %d slots of %.1f MiB, endpoint %s (%.1f s)", config.workers,
+                     layout.slots, layout.slot_bytes / 2**20, config.endpoint, time.monotonic() - started)
+            if on_ready is not None:
+                on_ready(config.endpoint)
+
+        broker = Broker(config, layout, pool, frontend, backend, welcome, ready)
+
+        def should_stop():
+            if not broker.is_ready and time.monotonic() - started > config.start_timeout_s:
+                raise TimeoutError(f"workers were not ready within start_timeout_s={config.start_timeout_s}")
+            return stop["flag"]
+
+        broker.run(should_stop)
+        log.info("stopping")
+    finally:
+        if broker is not None:
+            broker.stop_workers()
+        if pool is not None:
+            pool.stop()
+        for sock in (frontend, backend):
+            if sock is not None:
+                sock.close(0)
+        if ring is not None:
+            ring.close()
+        for segment in owned:
+            shm.unlink(segment)
+        for path in cleanup_paths:
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
+def _child_main(config: Config, source, conn) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        run_server(config, source, on_ready=lambda endpoint: conn.send(("ready", endpoint)))
+    except BaseException as exc:
+        conn.send(("error", type(exc).__name__, str(exc), traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+class Service:
+    """A ringfeed server in a child process, for notebooks, scripts and tests.
+
+    ``Service(config, features=..., labels=...)`` takes in-memory arrays (copied
+    once into a shared data segment) or uses ``config.data``. Use it as a
+    context manager; ``start`` returns once the workers are warm.
+    """
+
+    def __init__(self, config: Config | None = None, *, features=None, labels=None, **options):
+        self.config = (config or Config()).with_overrides(**options)
+        self._arrays = None if features is None else (np.asarray(features), np.asarray(labels))
+        self._proc = None
+        self._segments: list[str] = []
+
+    @property
+    def endpoint(self) -> str:
+        return self.config.endpoint
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> "Service":
+        source = None
+        if self._arrays is not None:
+            sources.validate(*self._arrays, self.config.batch_size)
+            segment = shm.segment_name(os.getpid(), secrets.token_hex(4), "data")
+            source = sources.publish(*self._arrays, segment)
+            self._segments.append(segment)
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_child_main, args=(self.config, source, child),
+                                 name=f"ringfeed-server-{self.config.name}", daemon=False)
+        self._proc.start()
+        child.close()
+        deadline = time.monotonic() + self.config.start_timeout_s + STOP_TIMEOUT_S
+        while not parent.poll(0.2):
+            if not self._proc.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"ringfeed server {self.config.name!r} did not start "
+                                   f"(exit code {self._proc.exitcode if self._proc else None})")
+        try:
+            message = parent.recv()
+        except EOFError:
+            message = ("error", "RuntimeError", f"ringfeed server {self.config.name!r} exited during start-up")
+        if message[0] == "error":
+            self.stop()
+            error = ConfigError if message[1] == "ConfigError" else RuntimeError
+            raise error(message[2])
+        return self
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(STOP_TIMEOUT_S)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(STOP_TIMEOUT_S)
+            proc.close()
+        for segment in self._segments:
+            shm.unlink(segment)
+        self._segments.clear()
+        shm.remove_stale()
+
+    def __enter__(self) -> "Service":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

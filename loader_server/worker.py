@@ -1,0 +1,115 @@
+"""A worker process: compute batches (epoch, index) straight into ring slots.
+
+The worker maps the dataset and the ring, compiles (or loads from numba's
+cache) the pipeline, and only then says W_HELLO, so the broker never hands a
+task to a cold worker. Each TASK names a slot that the broker has marked
+FILLING for this worker; the worker writes the batch there and answers W_DONE,
+or W_ERROR with its traceback. It never changes slot states itself.
+
+Workers die with the server: ``PR_SET_PDEATHSIG`` (Linux) kills them when the
+server process goes, and every poll timeout also checks the parent's pid.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from client import protocol
+
+from .augment import Pipeline
+from .augment.rng import sample_keys
+from .config import Config
+from .ring import Layout, Ring
+from .sampler import Sampler
+from .sources import SourceRef, open_ref
+
+POLL_MS = 500
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    worker_id: int
+    endpoint: str
+    config: Config
+    source: SourceRef
+    layout: Layout
+    parent_pid: int
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent-pid check in the poll loop still applies
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+class BatchMaker:
+    """Everything a batch depends on: the dataset, the sampler and the pipeline."""
+
+    def __init__(self, config: Config, source: SourceRef):
+        self.features, self.labels = open_ref(source)
+        self.config = config
+        self.sampler = Sampler(len(self.features), config.batch_size, config.seed, config.sampling,
+                               config.steps_per_epoch)
+        self.pipeline = Pipeline(config.augment, self.features.shape[1:], self.features.dtype, config.jit)
+
+    def make(self, epoch: int, index: int, x: np.ndarray, y: np.ndarray) -> None:
+        idx = self.sampler.indices(epoch, index)
+        keys = sample_keys(self.config.seed, epoch, index, self.config.batch_size)
+        self.pipeline.run(self.features, idx, keys, x)
+        np.take(self.labels, idx, axis=0, out=y)
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    _die_with_parent(spec.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
+    import numba
+
+    numba.set_num_threads(min(spec.config.threads_per_worker, numba.config.NUMBA_NUM_THREADS))
+    maker = BatchMaker(spec.config, spec.source)
+    ring = Ring(spec.layout, create=False)
+    maker.make(0, 0, np.empty_like(ring.x[0]), np.empty_like(ring.y[0]))  # compile before W_HELLO
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, f"w{spec.worker_id}-{os.getpid()}".encode())
+    sock.connect(spec.endpoint)
+    sock.send_multipart(protocol.worker_hello(spec.worker_id, os.getpid()))
+    try:
+        _serve(sock, maker, ring, spec.parent_pid)
+    finally:
+        sock.close(0)
+
+
+def _serve(sock: zmq.Socket, maker: BatchMaker, ring: Ring, parent_pid: int) -> None:
+    while True:
+        if not sock.poll(POLL_MS):
+            if os.getppid() != parent_pid:
+                return
+            continue
+        frames = sock.recv_multipart(copy=False)
+        command = frames[0].bytes
+        if command == protocol.STOP:
+            return
+        if command != protocol.TASK:
+            continue  # only the broker can reach this socket; ignore what we don't know
+        task = protocol.parse_task([f.bytes for f in frames])
+        try:
+            maker.make(task.epoch, task.index, ring.x[task.slot], ring.y[task.slot])
+        except Exception as exc:  # travels to the client as data
+            sock.send_multipart(protocol.worker_error(task.slot, {
+                "kind": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc(),
+                "epoch": task.epoch, "index": task.index, "worker_pid": os.getpid()}))
+            continue
+        sock.send_multipart(protocol.worker_done(task.slot))
