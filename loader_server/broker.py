@@ -376,6 +376,7 @@ class Broker:
             "endpoint": self.config.endpoint,
             "ready": self.is_ready,
             "workers": self.pool.alive(),
+            "worker_pids": [proc.pid for proc in self.pool.procs.values()],
             "workers_configured": self.config.workers,
             "worker_restarts": self.pool.restarts_total,
             "slots": {"total": len(self.slots), **counts},

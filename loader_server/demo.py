@@ -100,7 +100,7 @@ def run_demo(epochs: int = 8, workers: int | None = None, use_tf_dataset: bool =
             model = build_model(feed.spec.x_shape)
             source = feed.as_tf_dataset() if use_tf_dataset else feed.generator()
             started = time.perf_counter()
-            model.fit(source, steps_per_epoch=feed.steps_per_epoch, epochs=epochs,
+            model.fit(source, steps_per_epoch=feed.steps_per_epoch, epochs=epochs, shuffle=False,
                       verbose=1 if sys.stdout.isatty() else 2)
             wall = time.perf_counter() - started
             status = query_status(state["endpoint"]) or {}

@@ -92,7 +92,11 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
         x_shape = (config.batch_size, *maker.pipeline.out_shape)
         y_shape = (config.batch_size, *maker.labels.shape[1:])
         x, y = np.empty(x_shape, maker.pipeline.out_dtype), np.empty(y_shape, maker.labels.dtype)
-        maker.make(0, 0, x, y)  # refuses kernels that fail, and warms the numba cache for the workers
+        try:  # refuses pipelines that fail, and warms the numba cache for the workers
+            maker.make(0, 0, x, y)
+        except Exception as exc:
+            raise ConfigError(f"the augmentation pipeline failed on batch (epoch 0, index 0): "
+                              f"{type(exc).__name__}: {exc}") from exc
         del x, y
         layout = Layout.plan(shm.segment_name(os.getpid(), token, "ring"), config.slots,
                              x_shape, maker.pipeline.out_dtype, y_shape, maker.labels.dtype)

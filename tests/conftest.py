@@ -1,0 +1,44 @@
+"""Shared fixtures: an isolated runtime folder, unique service names, test datasets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+
+import numpy as np
+import pytest
+
+# A short private runtime folder: ipc socket paths must stay under ~100 characters.
+_RUNTIME = tempfile.mkdtemp(prefix="rf-", dir="/tmp")
+os.environ["RINGFEED_RUNTIME_DIR"] = _RUNTIME
+
+IMAGENET = [{"op": "random_crop", "size": [24, 24]}, {"op": "flip_lr"},
+            {"op": "normalize", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_RUNTIME, ignore_errors=True)
+
+
+@pytest.fixture
+def name() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+def id_images(n: int, h: int = 8, w: int = 8, c: int = 2) -> np.ndarray:
+    """float32 images whose every pixel encodes (sample id, row, column, channel)."""
+    ids = np.arange(n, dtype=np.float32)[:, None, None, None]
+    rows = np.arange(h, dtype=np.float32)[None, :, None, None]
+    cols = np.arange(w, dtype=np.float32)[None, None, :, None]
+    chans = np.arange(c, dtype=np.float32)[None, None, None, :]
+    return ids * 10000 + rows * 100 + cols * 10 + chans
+
+
+def rgb_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def ringfeed_segments() -> set[str]:
+    return {f for f in os.listdir("/dev/shm") if f.startswith("ringfeed-")}

@@ -1,0 +1,49 @@
+import pytest
+
+from loader_server.config import Config, ConfigError, from_mapping, load_toml
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"batch_size": -4}, "got -4"),
+    ({"workers": 0}, "workers must be an integer >= 1, got 0"),
+    ({"slots": 2}, "slots must be an integer >= 3, got 2"),
+    ({"sampling": "random"}, "sampling must be one of ('shuffle', 'replacement'), got 'random'"),
+    ({"endpoint": "http://x"}, "got 'http://x'"),
+    ({"heartbeat_s": 0}, "heartbeat_s must be a number > 0.0, got 0"),
+    ({"augment": [{"size": 3}]}, "augment[0] must be a table with a string 'op'"),
+    ({"name": "a b"}, "name must be letters"),
+])
+def test_bad_options_name_the_value(options, fragment):
+    with pytest.raises(ConfigError) as err:
+        Config(**options)
+    assert fragment in str(err.value)
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['batchsize'\]"):
+        from_mapping({"batchsize": 3})
+
+
+def test_defaults_resolve_endpoint_and_slots():
+    config = Config(workers=4, name="abc")
+    assert config.endpoint.startswith("ipc://") and config.endpoint.endswith("abc.sock")
+    assert config.slots >= 2 * config.workers
+
+
+def test_toml_with_flags_over_it(tmp_path):
+    path = tmp_path / "ringfeed.toml"
+    path.write_text('data = "digits"\nbatch_size = 16\nseed = 3\n\n[[augment]]\nop = "flip_lr"\n')
+    config = load_toml(path, batch_size=64, workers=None)
+    assert config.batch_size == 64 and config.seed == 3
+    assert config.data == str(tmp_path / "digits")
+    assert config.augment == ({"op": "flip_lr"},)
+
+
+def test_toml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batch_size = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(bad)

@@ -1,0 +1,45 @@
+import struct
+
+import pytest
+
+from client import protocol
+from client.protocol import BatchMsg, ProtocolError, TaskMsg
+
+
+def test_round_trips():
+    msg = BatchMsg(slot=3, flags=protocol.FLAG_COPY, epoch=2, index=7, seq=123)
+    assert protocol.parse_batch(protocol.batch(msg)) == msg
+    task = TaskMsg(slot=1, epoch=4, index=5)
+    assert protocol.parse_task(protocol.task(task)) == task
+    assert protocol.parse_ack(protocol.ack(2, [1, 5, 9])) == (2, (1, 5, 9))
+    hello = protocol.parse_hello(protocol.hello(1, 2, 4, 99, "pid:[1]"))
+    assert (hello.epoch, hello.index, hello.credit, hello.pid, hello.pidns) == (1, 2, 4, 99, "pid:[1]")
+    assert protocol.parse_worker_done(protocol.worker_done(6)) == 6
+    slot, details = protocol.parse_worker_error(protocol.worker_error(2, {"kind": "ValueError", "message": "x"}))
+    assert slot == 2 and details["kind"] == "ValueError"
+
+
+@pytest.mark.parametrize("frames, fragment", [
+    ([protocol.BATCH, b"\x00" * 7], "expected a 32-byte record, got 7"),
+    ([protocol.BATCH], "expected 2 frame(s), got 1"),
+    ([protocol.ACK, b"\x00\x00"], "4*(1+n) bytes"),
+    ([protocol.ACK, b"\x00" * 4 * 5000], "n <= 4096"),
+    ([protocol.HELLO, b"\xff\xfe"], "not UTF-8 JSON"),
+    ([protocol.HELLO, b"[1, 2]"], "expected a JSON object, got list"),
+    ([protocol.HELLO, b'{"version": 1, "start": [0, -1], "credit": 1, "pid": 1, "pidns": ""}'], "'start'"),
+    ([protocol.HELLO, b'{"version": 9, "start": [0, 0], "credit": 1, "pid": 1, "pidns": ""}'], "version 9"),
+    ([protocol.HELLO, b'{"version": 1, "start": [0, 0], "credit": true, "pid": 1, "pidns": ""}'], "got bool"),
+    ([protocol.HELLO, b'{"version": 1, "start": [0, 0], "credit": 0, "pid": 1, "pidns": ""}'], "credit"),
+    ([protocol.HELLO, b"{" + b" " * (protocol.MAX_JSON_BYTES + 1) + b"}"], "exceeds"),
+])
+def test_malformed_frames_are_refused_with_a_reason(frames, fragment):
+    parser = {protocol.BATCH: protocol.parse_batch, protocol.ACK: protocol.parse_ack,
+              protocol.HELLO: protocol.parse_hello}[frames[0]]
+    with pytest.raises(ProtocolError) as err:
+        parser(frames)
+    assert fragment in str(err.value)
+
+
+def test_records_are_little_endian_fixed_size():
+    frames = protocol.batch(BatchMsg(1, 0, 2, 3, 4))
+    assert struct.unpack("<IIqqQ", frames[1]) == (1, 0, 2, 3, 4)

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from loader_server import shm, sources
+from loader_server.config import ConfigError
+
+
+def test_folder_is_memory_mapped(tmp_path):
+    np.save(tmp_path / "features.npy", np.zeros((10, 4, 4, 3), np.uint8))
+    np.save(tmp_path / "labels.npy", np.arange(10))
+    features, labels = sources.load_path(str(tmp_path))
+    assert isinstance(features, np.memmap) and isinstance(labels, np.memmap)
+
+
+def test_npz_and_publish_round_trip(tmp_path):
+    features = np.random.default_rng(0).random((12, 5), dtype=np.float32)
+    labels = np.arange(12, dtype=np.int16).reshape(12, 1)
+    np.savez(tmp_path / "data.npz", features=features, labels=labels)
+    loaded = sources.load_path(str(tmp_path / "data.npz"))
+    segment = shm.segment_name(1, "abcd", "data")
+    ref = sources.publish(*loaded, segment)
+    try:
+        f2, l2 = sources.open_ref(ref)
+        assert np.array_equal(f2, features) and np.array_equal(l2, labels) and l2.dtype == np.int16
+        assert not f2.flags.writeable
+    finally:
+        shm.unlink(segment)
+
+
+@pytest.mark.parametrize("features, labels, fragment", [
+    (np.zeros((4, 3, 3, 1), np.int16), np.zeros(4), "features dtype int16 is not supported"),
+    (np.zeros((4, 3, 3), np.uint8), np.zeros(4), "shaped (N, H, W, C) or (N, D), got shape (4, 3, 3)"),
+    (np.zeros((4, 3), np.uint8), np.zeros(5), "differ in length: 4 != 5"),
+    (np.zeros((4, 3), np.uint8), np.array(["a"] * 4), "labels must be a numeric array"),
+    (np.zeros((2, 3), np.uint8), np.zeros(2), "batch_size 3 is larger than the dataset (2 samples)"),
+])
+def test_validation_names_the_problem(features, labels, fragment):
+    with pytest.raises(ConfigError) as err:
+        sources.validate(features, labels, batch_size=3)
+    assert fragment in str(err.value)
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        sources.load_path(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="has no features.npy"):
+        sources.load_path(str(tmp_path))
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="not a readable .npz"):
+        sources.load_path(str(tmp_path / "broken.npz"))
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ConfigError, match=r"lacks array\(s\) \['features', 'labels'\]"):
+        sources.load_path(str(tmp_path / "other.npz"))
+
+
+def test_space_check_refuses_more_than_free():
+    with pytest.raises(ConfigError, match="shm_size"):
+        shm.check_space(shm.free_bytes() + 1, "a huge ring")
+
+
+def test_remove_stale_keeps_live_owners():
+    import os
+
+    dead = shm.segment_name(2**22 + 12345, "dead", "ring")  # above pid_max: never a live process
+    live = shm.segment_name(os.getpid(), "live", "ring")
+    for name in (dead, live):
+        shm.create(name, 4096).close()
+    try:
+        removed = shm.remove_stale()
+        assert dead in removed and live not in removed
+        assert os.path.exists(f"/dev/shm/{live}") and not os.path.exists(f"/dev/shm/{dead}")
+    finally:
+        shm.unlink(live)
+        shm.unlink(dead)
