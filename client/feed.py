@@ -2,14 +2,20 @@
 
 One DEALER socket, guarded by a lock because two threads use it: the caller's
 (``next_batch``, the generator, tf.data) and a daemon heartbeat thread that
-pings the server every ``heartbeat_s / 4``, notices a silent server, and hands
-back slots whose arrays have died while the trainer is busy elsewhere (e.g.
-in Keras validation). Both go through ``_pump``, which moves whatever has
-arrived into an inbox, so neither thread can steal the other's messages.
+pings the server every ``heartbeat_s / 4`` and hands back slots whose arrays
+died while the trainer was busy elsewhere (e.g. in Keras validation). Both go
+through ``_pump``, which moves whatever has arrived into an inbox, so neither
+thread can steal the other's messages.
 
 Credit: the feed asks for ``prefetch`` batches up front and for one more each
 time it hands one out, piggybacked on the ACK that returns released slots.
 Nothing is a round trip on the hot path.
+
+Liveness: a socket monitor reports when the connection drops. The feed then
+opens a fresh socket and says HELLO again from the batch it is at; a server
+that is back on the same endpoint within ``timeout_s`` continues the stream
+(batches are deterministic). Otherwise, or if a connected server stays silent
+for ``timeout_s``, the feed raises ``ServerGoneError``.
 """
 
 from __future__ import annotations
@@ -22,14 +28,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol
 from .leases import RingMapping, copy_arrays, lease_arrays
 from .paths import default_endpoint, pid_namespace
+from .security import client_curve_options
 
 POLL_S = 0.02
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_PREFETCH = 4
+_MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class RingfeedError(RuntimeError):
@@ -70,46 +80,37 @@ class FeedSpec:
 class Feed:
     """Batches from a ringfeed server, as numpy arrays that alias shared memory.
 
-    ``Feed(endpoint=None, timeout_s=5.0)``: ``None`` means the default local
-    service. ``start=(epoch, index)`` resumes a stream; ``copy=True`` copies
-    every batch out of the ring instead of lending it.
+    ``Feed(endpoint=None, timeout_s=5.0)``: ``None`` means the local service
+    called ``name``. ``start=(epoch, index)`` resumes a stream; ``copy=True``
+    copies every batch out of the ring instead of lending it. For a CURVE
+    server give ``curve_server_key`` (its public key file) and
+    ``curve_secret_key`` (this client's secret key file, from ``ringfeed keys``).
     """
 
     def __init__(self, endpoint: str | None = None, *, name: str = "default",
                  timeout_s: float = DEFAULT_TIMEOUT_S, prefetch: int = DEFAULT_PREFETCH,
-                 start: tuple[int, int] = (0, 0), copy: bool = False):
+                 start: tuple[int, int] = (0, 0), copy: bool = False,
+                 curve_server_key: str | None = None, curve_secret_key: str | None = None):
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an integer >= 1, got {prefetch!r}")
         self.endpoint = endpoint or default_endpoint(name)
-        self.timeout_s, self.copy = timeout_s, copy
+        self.timeout_s, self.copy, self.prefetch = timeout_s, copy, prefetch
+        self._curve = client_curve_options(curve_server_key, curve_secret_key)
         self._lock = threading.Lock()
         self._inbox: deque = deque()
         self._released: deque = deque()
         self._lent: set[int] = set()  # slots handed out zero-copy and not yet given back
         self._credit_owed = 0
         self._failure: Exception | None = None
+        self._disconnected_at: float | None = None
         self._closed = False
-        self.stats = {"batches": 0, "wait_s": 0.0}  # wait_s: time next_batch spent blocked on the server
-        self._sock = zmq.Context.instance().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.endpoint)
-        self._last_heard = time.monotonic()
-        welcome = self._handshake(start, prefetch)
-        layout = welcome["layout"]
-        try:
-            self._mapping = RingMapping(layout)
-        except OSError as exc:
-            self._sock.close(0)
-            raise RingfeedError(f"cannot map the server's ring segment {layout['segment']!r} ({exc}); "
-                                "the client must run on the server's host and IPC namespace") from None
-        self.spec = FeedSpec(welcome["batch_size"], welcome["steps_per_epoch"], tuple(layout["x_shape"][1:]),
-                             np.dtype(layout["x_dtype"]), tuple(layout["y_shape"][1:]),
-                             np.dtype(layout["y_dtype"]), welcome["samples"])
-        self.steps_per_epoch = self.spec.steps_per_epoch
-        self.heartbeat_s = float(welcome["heartbeat_s"])
-        self._next = start[0] * self.steps_per_epoch + start[1]
+        self.stats = {"batches": 0, "wait_s": 0.0, "reconnects": 0}
+        self._sock = self._monitor = None
+        self.spec: FeedSpec | None = None
+        self._next = 0
+        self._connect(start)
         self._thread = threading.Thread(target=self._heartbeat_loop, name="ringfeed-heartbeat", daemon=True)
         self._thread.start()
 
@@ -129,6 +130,8 @@ class Feed:
                 waited_from = time.perf_counter()
                 while not self._inbox:
                     self._raise_failure()
+                    if self._disconnected_at is not None:
+                        self._reconnect()
                     self._pump(POLL_S)
                     self._check_alive()
                 self.stats["wait_s"] += time.perf_counter() - waited_from
@@ -162,8 +165,7 @@ class Feed:
             return
         self._closed = True
         with self._lock:
-            for msg in self._inbox:
-                self._released.append(msg.slot)
+            self._released.extend(msg.slot for msg in self._inbox)
             self._inbox.clear()
             self._flush()
 
@@ -173,76 +175,161 @@ class Feed:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- socket work (always under self._lock) ------------------------------
+    # -- connection (callers hold self._lock, except during __init__) -------
 
-    def _handshake(self, start, prefetch) -> dict:
-        self._sock.send_multipart(protocol.hello(start[0], start[1], prefetch, os.getpid(), pid_namespace()))
-        deadline = time.monotonic() + self.timeout_s
+    def _open_socket(self) -> None:
+        for old in (self._monitor, self._sock):
+            if old is not None:
+                old.close(0)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        for option, value in self._curve.items():
+            sock.setsockopt(option, value)
+        self._monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+
+    def _connect(self, start: tuple[int, int], deadline: float | None = None) -> None:
+        """Open a socket, say HELLO from ``start`` and wait (until ``deadline``) for WELCOME."""
+        self._open_socket()
+        self._sock.send_multipart(protocol.hello(start[0], start[1], self.prefetch, os.getpid(),
+                                                 pid_namespace()))
+        deadline = deadline or time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
-            if not self._sock.poll(POLL_S * 1000):
+            if not self._poller.poll(POLL_S * 1000):
+                continue
+            self._read_monitor()
+            if self._failure is not None:
+                self._abandon()
+            if not self._sock.poll(0):
                 continue
             frames = self._sock.recv_multipart()
             if frames[0] == protocol.WELCOME:
-                return protocol.decode_json(frames[1], "WELCOME")
+                self._welcome(protocol.decode_json(frames[1], "WELCOME"))
+                self._last_heard = time.monotonic()
+                self._disconnected_at = None
+                return
             if frames[0] == protocol.ERROR:
-                self._sock.close(0)
-                raise RingfeedError(protocol.parse_error(frames)["message"])
+                self._failure = RingfeedError(protocol.parse_error(frames)["message"])
+                self._abandon()
+        self._failure = ServerGoneError(
+            f"no ringfeed server answered at {self.endpoint} within {self.timeout_s} s; "
+            "is it running? (ringfeed status)")
+        self._abandon()
+
+    def _abandon(self) -> None:
         self._sock.close(0)
-        raise ServerGoneError(f"no ringfeed server answered at {self.endpoint} within {self.timeout_s} s; "
-                              "is it running? (ringfeed status)")
+        self._monitor.close(0)
+        raise self._failure
+
+    def _welcome(self, welcome: dict) -> None:
+        layout = welcome["layout"]
+        spec = FeedSpec(welcome["batch_size"], welcome["steps_per_epoch"], tuple(layout["x_shape"][1:]),
+                        np.dtype(layout["x_dtype"]), tuple(layout["y_shape"][1:]),
+                        np.dtype(layout["y_dtype"]), welcome["samples"])
+        if self.spec is not None and spec != self.spec:
+            self._failure = RingfeedError(f"the server at {self.endpoint} came back with a different "
+                                          f"stream: {spec} instead of {self.spec}")
+            self._abandon()
+        try:
+            self._mapping = RingMapping(layout)
+        except OSError as exc:
+            self._failure = RingfeedError(
+                f"cannot map the server's ring segment {layout['segment']!r} ({exc}); "
+                "the client must run on the server's host and IPC namespace")
+            self._abandon()
+        self.spec = spec
+        self.steps_per_epoch = spec.steps_per_epoch
+        self.heartbeat_s = float(welcome["heartbeat_s"])
+
+    def _reconnect(self) -> None:
+        """The server went away: HELLO a fresh socket from where we are, until ``timeout_s``."""
+        deadline = max(self._disconnected_at + self.timeout_s, time.monotonic() + 2 * POLL_S)
+        self._inbox.clear()
+        self._released = deque()  # slots of the old server mean nothing to the new one
+        self._lent.clear()
+        self._credit_owed = 0
+        try:
+            self._connect(self.position, deadline)
+        except ServerGoneError:
+            self._failure = ServerGoneError(
+                f"the ringfeed server at {self.endpoint} went away and was not back within "
+                f"timeout_s={self.timeout_s}")
+            raise self._failure from None
+        self.stats["reconnects"] += 1
+
+    # -- socket work (callers hold self._lock) -------------------------------
+
+    def _read_monitor(self) -> None:
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self._disconnected_at = self._disconnected_at or time.monotonic()
+            else:
+                self._failure = RingfeedError(f"the server at {self.endpoint} refused this client's "
+                                              "CURVE handshake (wrong or missing key)")
 
     def _pump(self, wait_s: float) -> None:
-        while self._sock.poll(wait_s * 1000):
+        while self._poller.poll(wait_s * 1000):
             wait_s = 0
-            frames = self._sock.recv_multipart()
-            self._last_heard = time.monotonic()
-            command = frames[0]
-            if command == protocol.BATCH:
-                msg = protocol.parse_batch(frames)
-                if self._closed:
-                    self._released.append(msg.slot)
-                else:
-                    self._inbox.append(msg)
-            elif command == protocol.ERROR:
-                details = protocol.parse_error(frames)
-                self._failure = (RemoteWorkerError(details) if details["kind"] != "ProtocolError"
-                                 else RingfeedError(f"server refused a message: {details['message']}"))
-            elif command != protocol.PING:
-                self._failure = RingfeedError(f"unexpected message {command[:32]!r} from the server")
+            self._read_monitor()
+            while self._sock.poll(0):
+                self._receive(self._sock.recv_multipart())
+
+    def _receive(self, frames: list[bytes]) -> None:
+        self._last_heard = time.monotonic()
+        command = frames[0]
+        if command == protocol.BATCH:
+            msg = protocol.parse_batch(frames)
+            if self._closed:
+                self._released.append(msg.slot)
+            else:
+                self._inbox.append(msg)
+        elif command == protocol.ERROR:
+            details = protocol.parse_error(frames)
+            self._failure = (RemoteWorkerError(details) if details["kind"] != "ProtocolError"
+                             else RingfeedError(f"server refused a message: {details['message']}"))
+        elif command != protocol.PING:
+            self._failure = RingfeedError(f"unexpected message {command[:32]!r} from the server")
 
     def _flush(self) -> None:
         releases = []
         while self._released:
             releases.append(self._released.popleft())
         self._lent.difference_update(releases)
-        if releases or self._credit_owed:
-            credit = 0 if self._closed else self._credit_owed
-            self._sock.send_multipart(protocol.ack(credit, releases))
+        if (releases or self._credit_owed) and self._disconnected_at is None:
+            self._sock.send_multipart(protocol.ack(0 if self._closed else self._credit_owed, releases))
             self._credit_owed = 0
 
     def _check_alive(self) -> None:
         silent = time.monotonic() - self._last_heard
-        if silent > self.timeout_s and self._failure is None:
+        if silent > self.timeout_s and self._failure is None and self._disconnected_at is None:
             self._failure = ServerGoneError(
                 f"the ringfeed server at {self.endpoint} has been silent for {silent:.1f} s "
-                f"(timeout_s={self.timeout_s}); it has stopped or died")
+                f"(timeout_s={self.timeout_s}); it has stopped or hangs")
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
             raise self._failure
 
     def _heartbeat_loop(self) -> None:
-        interval = self.heartbeat_s / 4
         while True:
-            time.sleep(interval)
+            time.sleep(self.heartbeat_s / 4)
             with self._lock:
                 if self._sock.closed:
                     return
                 self._pump(0)
                 self._flush()
                 self._check_alive()
-                if self._closed and (not self._lent or self._failure is not None):
-                    self._sock.send_multipart([protocol.BYE])
+                if self._closed and (not self._lent or self._failure is not None
+                                     or self._disconnected_at is not None):
+                    if self._disconnected_at is None:
+                        self._sock.send_multipart([protocol.BYE])
                     self._sock.close(0)
+                    self._monitor.close(0)
                     return
-                self._sock.send_multipart([protocol.PING])
+                if self._disconnected_at is None:
+                    self._sock.send_multipart([protocol.PING])

@@ -20,7 +20,7 @@ Worker <-> broker (internal ipc socket in the owner-only runtime folder)::
 
     W_HELLO {worker, pid}          worker is warm and ready for tasks
     TASK   <slot:u32 epoch:i64 index:i64>
-    W_DONE <slot:u32>
+    W_DONE <slot:u32 skipped:u32>       (skipped: samples replaced under on_error="skip")
     W_ERROR <slot:u32> {kind, message, traceback, epoch, index, sample}
     STOP
 """
@@ -55,6 +55,7 @@ FLAG_COPY = 1  # the client must copy the batch out and release the slot at once
 _BATCH = struct.Struct("<IIqqQ")
 _TASK = struct.Struct("<Iqq")
 _SLOT = struct.Struct("<I")
+_DONE = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 
 
@@ -212,13 +213,13 @@ def parse_task(frames: list) -> TaskMsg:
     return TaskMsg(*_unpack(_TASK, frames[1], "TASK"))
 
 
-def worker_done(slot: int) -> list[bytes]:
-    return [W_DONE, _SLOT.pack(slot)]
+def worker_done(slot: int, skipped: int) -> list[bytes]:
+    return [W_DONE, _DONE.pack(slot, skipped)]
 
 
-def parse_worker_done(frames: list) -> int:
+def parse_worker_done(frames: list) -> tuple[int, int]:
     _expect_frames(frames, 2, "W_DONE")
-    return _unpack(_SLOT, frames[1], "W_DONE")[0]
+    return _unpack(_DONE, frames[1], "W_DONE")
 
 
 def worker_error(slot: int, details: dict) -> list[bytes]:

@@ -95,12 +95,14 @@ class Broker:
         self.retask: deque[Retask] = deque()
         self.deaths: dict[Retask, int] = {}
         self.served = 0
+        self.skipped = 0
         self.served_times: deque[float] = deque()
         self.protocol_errors = 0
         self.started = time.monotonic()
         self.last_ping = 0.0
         self.max_credit = max(1, layout.slots // 2)
-        self.pidns = pid_namespace()
+        # Client pids are trusted for liveness only over ipc, where only our own user can connect.
+        self.pidns = pid_namespace() if config.endpoint.startswith("ipc://") else None
 
     # -- main loop -------------------------------------------------------
 
@@ -146,7 +148,7 @@ class Broker:
             if command == protocol.W_HELLO:
                 self._on_worker_hello(identity, *protocol.parse_worker_hello(body))
             elif command == protocol.W_DONE:
-                self._on_worker_done(identity, protocol.parse_worker_done(body))
+                self._on_worker_done(identity, *protocol.parse_worker_done(body))
             elif command == protocol.W_ERROR:
                 self._on_worker_error(identity, *protocol.parse_worker_error(body))
             else:
@@ -171,8 +173,9 @@ class Broker:
         self.workers[worker_id].inflight.discard(slot)
         return self.slots[slot]
 
-    def _on_worker_done(self, identity: bytes, slot_id: int) -> None:
+    def _on_worker_done(self, identity: bytes, slot_id: int, skipped: int) -> None:
         slot = self._slot_of_worker(identity, slot_id)
+        self.skipped += skipped
         client = self.clients.get(slot.client)
         self.deaths.pop(Retask(slot.client, slot.seq), None)
         if client is None:
@@ -190,7 +193,8 @@ class Broker:
             client.scheduled -= 1
             self._send_client(client.identity, protocol.error(
                 details["kind"], details["message"], traceback=details.get("traceback"),
-                epoch=slot.epoch, index=slot.index, worker_pid=details.get("worker_pid")))
+                epoch=slot.epoch, index=slot.index, sample=details.get("sample"),
+                position=details.get("position"), worker_pid=details.get("worker_pid")))
 
     def _on_worker_exit(self, worker_id: int) -> None:
         state = self.workers[worker_id]
@@ -377,11 +381,13 @@ class Broker:
             "ready": self.is_ready,
             "workers": self.pool.alive(),
             "worker_pids": [proc.pid for proc in self.pool.procs.values()],
+            "workers_ready": [self.pool.pid(wid) for wid, w in self.workers.items() if w.identity],
             "workers_configured": self.config.workers,
             "worker_restarts": self.pool.restarts_total,
             "slots": {"total": len(self.slots), **counts},
             "clients": len(self.clients),
             "batches_served": self.served,
+            "samples_skipped": self.skipped,
             "samples_per_s": round(len(self.served_times) * self.config.batch_size / window, 1),
             "batch_size": self.config.batch_size,
             "steps_per_epoch": self.steps,

@@ -23,6 +23,9 @@ SERVE_FLAGS = {
     "--sampling": ("sampling", str),
     "--endpoint": ("endpoint", str),
     "--steps-per-epoch": ("steps_per_epoch", int),
+    "--on-error": ("on_error", str),
+    "--curve-secret-key": ("curve_secret_key", str),
+    "--curve-authorized-keys": ("curve_authorized_keys", str),
 }
 
 
@@ -102,6 +105,18 @@ def cmd_cleanup(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    from .auth import generate_keys
+
+    paths = generate_keys(args.dir)
+    print(f"server:  --curve-secret-key {paths['server_secret']} "
+          f"--curve-authorized-keys {paths['authorized']}\n"
+          f"client:  Feed(endpoint, curve_server_key={paths['server_public']!r}, "
+          f"curve_secret_key={paths['client_secret']!r})\n"
+          f"more clients: copy their public .key files into {paths['authorized']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -129,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("cleanup", help="remove shared memory left by servers that died")
     p.set_defaults(fn=cmd_cleanup)
+    p = sub.add_parser("keys", help="generate CURVE keys for a server and a client")
+    p.add_argument("dir", help="folder for the key files")
+    p.set_defaults(fn=cmd_keys)
     p = sub.add_parser("demo", help="train a small convnet on scikit-learn's digits through ringfeed")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--workers", type=int, default=None)

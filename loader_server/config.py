@@ -15,6 +15,7 @@ from typing import Any
 from client.paths import default_endpoint
 
 SAMPLING_MODES = ("shuffle", "replacement")
+ON_ERROR_MODES = ("raise", "skip")
 
 
 class ConfigError(ValueError):
@@ -43,12 +44,15 @@ class Config:
     endpoint: str | None = None
     name: str = "default"
     ordered: bool = True
+    on_error: str = "raise"
     augment: tuple = ()
     jit: bool = True
     threads_per_worker: int = 1
     heartbeat_s: float = 1.0
     start_timeout_s: float = 300.0
     max_worker_restarts: int = 10
+    curve_secret_key: str | None = None
+    curve_authorized_keys: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -66,6 +70,8 @@ class Config:
             _check_int("steps_per_epoch", self.steps_per_epoch, 1)
         if self.sampling not in SAMPLING_MODES:
             raise ConfigError(f"sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
+        if self.on_error not in ON_ERROR_MODES:
+            raise ConfigError(f"on_error must be one of {ON_ERROR_MODES}, got {self.on_error!r}")
         if not isinstance(self.ordered, bool) or not isinstance(self.jit, bool):
             raise ConfigError(f"ordered and jit must be true or false, got {self.ordered!r}, {self.jit!r}")
         if not isinstance(self.name, str) or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -76,6 +82,13 @@ class Config:
             object.__setattr__(self, "endpoint", default_endpoint(self.name))
         if not isinstance(self.endpoint, str) or not self.endpoint.startswith(("ipc://", "tcp://")):
             raise ConfigError(f"endpoint must look like ipc://PATH or tcp://HOST:PORT, got {self.endpoint!r}")
+        if (self.curve_secret_key is None) != (self.curve_authorized_keys is None):
+            raise ConfigError("curve_secret_key and curve_authorized_keys go together; got "
+                              f"{self.curve_secret_key!r} and {self.curve_authorized_keys!r}")
+        for option in ("curve_secret_key", "curve_authorized_keys"):
+            path = getattr(self, option)
+            if path is not None and not Path(path).exists():
+                raise ConfigError(f"{option} {path!r} does not exist (make keys with: ringfeed keys DIR)")
         augment = tuple(self.augment)
         for i, spec in enumerate(augment):
             if not isinstance(spec, dict) or not isinstance(spec.get("op"), str):

@@ -42,7 +42,9 @@ from .broker import Broker
 from .config import Config, ConfigError
 from .pool import WorkerPool
 from .ring import Layout, Ring
-from .worker import BatchMaker, WorkerSpec
+from .auth import secure_frontend
+from .batches import BatchMaker, SampleError
+from .worker import WorkerSpec
 
 log = logging.getLogger("ringfeed.service")
 
@@ -84,7 +86,7 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
     owned: list[str] = []
     cleanup_paths = [state_file(config.name)]
     ctx = zmq.Context.instance()
-    frontend = backend = pool = ring = broker = None
+    frontend = backend = pool = ring = broker = authenticator = None
     try:
         if source is None:
             source, owned = prepare_source(config, token)
@@ -94,6 +96,9 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
         x, y = np.empty(x_shape, maker.pipeline.out_dtype), np.empty(y_shape, maker.labels.dtype)
         try:  # refuses pipelines that fail, and warms the numba cache for the workers
             maker.make(0, 0, x, y)
+        except SampleError as exc:
+            raise ConfigError(f"the augmentation pipeline failed on batch (epoch 0, index 0), "
+                              f"sample {exc.sample}: {exc}\n{exc.trace}") from exc
         except Exception as exc:
             raise ConfigError(f"the augmentation pipeline failed on batch (epoch 0, index 0): "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -116,6 +121,8 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
         frontend.setsockopt(zmq.LINGER, 0)
         frontend.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
         frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if config.curve_secret_key:
+            authenticator = secure_frontend(ctx, frontend, config.curve_secret_key, config.curve_authorized_keys)
         spec = WorkerSpec(0, backend_endpoint, config, source, layout, os.getpid())
         pool = WorkerPool(spec, config.workers, config.max_worker_restarts)
         started = time.monotonic()
@@ -150,6 +157,8 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
         for sock in (frontend, backend):
             if sock is not None:
                 sock.close(0)
+        if authenticator is not None:
+            authenticator.stop()
         if ring is not None:
             ring.close()
         for segment in owned:

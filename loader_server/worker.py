@@ -23,12 +23,10 @@ import zmq
 
 from client import protocol
 
-from .augment import Pipeline
-from .augment.rng import sample_keys
+from .batches import BatchMaker, SampleError
 from .config import Config
 from .ring import Layout, Ring
-from .sampler import Sampler
-from .sources import SourceRef, open_ref
+from .sources import SourceRef
 
 POLL_MS = 500
 _PR_SET_PDEATHSIG = 1
@@ -51,23 +49,6 @@ def _die_with_parent(parent_pid: int) -> None:
         pass  # not Linux: the parent-pid check in the poll loop still applies
     if os.getppid() != parent_pid:
         os._exit(0)
-
-
-class BatchMaker:
-    """Everything a batch depends on: the dataset, the sampler and the pipeline."""
-
-    def __init__(self, config: Config, source: SourceRef):
-        self.features, self.labels = open_ref(source)
-        self.config = config
-        self.sampler = Sampler(len(self.features), config.batch_size, config.seed, config.sampling,
-                               config.steps_per_epoch)
-        self.pipeline = Pipeline(config.augment, self.features.shape[1:], self.features.dtype, config.jit)
-
-    def make(self, epoch: int, index: int, x: np.ndarray, y: np.ndarray) -> None:
-        idx = self.sampler.indices(epoch, index)
-        keys = sample_keys(self.config.seed, epoch, index, self.config.batch_size)
-        self.pipeline.run(self.features, idx, keys, x)
-        np.take(self.labels, idx, axis=0, out=y)
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -106,10 +87,16 @@ def _serve(sock: zmq.Socket, maker: BatchMaker, ring: Ring, parent_pid: int) -> 
             continue  # only the broker can reach this socket; ignore what we don't know
         task = protocol.parse_task([f.bytes for f in frames])
         try:
-            maker.make(task.epoch, task.index, ring.x[task.slot], ring.y[task.slot])
+            skipped = maker.make(task.epoch, task.index, ring.x[task.slot], ring.y[task.slot])
         except Exception as exc:  # travels to the client as data
-            sock.send_multipart(protocol.worker_error(task.slot, {
-                "kind": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc(),
-                "epoch": task.epoch, "index": task.index, "worker_pid": os.getpid()}))
+            sock.send_multipart(protocol.worker_error(task.slot, _error_details(exc, task)))
             continue
-        sock.send_multipart(protocol.worker_done(task.slot))
+        sock.send_multipart(protocol.worker_done(task.slot, skipped))
+
+
+def _error_details(exc: Exception, task: protocol.TaskMsg) -> dict:
+    details = {"epoch": task.epoch, "index": task.index, "worker_pid": os.getpid()}
+    if isinstance(exc, SampleError):
+        return {**details, "kind": type(exc.cause).__name__, "message": str(exc.cause),
+                "traceback": exc.trace, "sample": exc.sample, "position": exc.position}
+    return {**details, "kind": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}

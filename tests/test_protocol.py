@@ -14,7 +14,7 @@ def test_round_trips():
     assert protocol.parse_ack(protocol.ack(2, [1, 5, 9])) == (2, (1, 5, 9))
     hello = protocol.parse_hello(protocol.hello(1, 2, 4, 99, "pid:[1]"))
     assert (hello.epoch, hello.index, hello.credit, hello.pid, hello.pidns) == (1, 2, 4, 99, "pid:[1]")
-    assert protocol.parse_worker_done(protocol.worker_done(6)) == 6
+    assert protocol.parse_worker_done(protocol.worker_done(6, 1)) == (6, 1)
     slot, details = protocol.parse_worker_error(protocol.worker_error(2, {"kind": "ValueError", "message": "x"}))
     assert slot == 2 and details["kind"] == "ValueError"
 

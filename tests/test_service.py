@@ -14,7 +14,7 @@ from client.status import query_status
 from loader_server import Config, ConfigError, Service
 from loader_server.sampler import Sampler
 from loader_server.sources import publish
-from loader_server.worker import BatchMaker
+from loader_server.batches import BatchMaker
 
 
 def take(feed, n, copy=True):
@@ -96,7 +96,7 @@ def test_server_killed_raises_within_timeout_and_workers_exit(name):
         take(feed, 3)
         os.kill(svc.pid, signal.SIGKILL)
         started = time.monotonic()
-        with pytest.raises(ServerGoneError, match="silent"):
+        with pytest.raises(ServerGoneError, match="went away"):
             take(feed, 10_000)
         assert time.monotonic() - started < 2.0 + 1.5
         deadline = time.monotonic() + 5
@@ -152,6 +152,7 @@ def test_worker_exception_reaches_the_client_with_its_traceback(name):
         with pytest.raises(RemoteWorkerError) as err:
             take(feed, 1)
     assert err.value.kind == "ValueError" and (err.value.epoch, err.value.index) == (0, 1)
+    assert err.value.sample == poisoned and f"sample {poisoned}" in str(err.value)
     assert "poisoned sample" in str(err.value) and "worker traceback" in str(err.value)
     assert "pipeline.py" in err.value.traceback
 
@@ -160,7 +161,7 @@ def test_a_pipeline_that_fails_on_the_first_batch_is_refused_at_start(name):
     augment = ({"op": "normalize", "mean": 0.0, "std": 1.0},
                {"op": "custom", "fn": "custom_ops:explode", "params": [-1.0]})
     config = Config(batch_size=8, workers=1, name=name, augment=augment)
-    with pytest.raises(ConfigError, match=r"failed on batch \(epoch 0, index 0\): ValueError: poisoned sample"):
+    with pytest.raises(ConfigError, match=r"failed on batch \(epoch 0, index 0\), sample \d+: ValueError: poisoned sample"):
         Service(config, features=rgb_images(32, 8), labels=np.arange(32)).start()
 
 
