@@ -25,10 +25,11 @@ class _RefusalsAsWarnings(logging.Filter):
     """pyzmq logs refusals at DEBUG; keep only those, as warnings."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("DENIED"):
+        message = record.getMessage()
+        if not message.startswith("DENIED"):
             return False
         record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.msg = "refused a client: " + str(record.msg)
+        record.msg, record.args = "refused a client: " + message, ()
         return True
 
 

@@ -1,0 +1,309 @@
+"""Crashes, vanished peers, restarts, hostile frames and CURVE: real processes throughout."""
+
+import glob
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+from conftest import rgb_images, ringfeed_segments
+
+from client import Feed, RingfeedError, ServerGoneError, protocol
+from client.status import query_status
+from loader_server import Config, ConfigError, Service
+from loader_server.auth import generate_keys
+from loader_server.batches import BatchMaker
+from loader_server.procs import pid_alive
+from loader_server.sampler import Sampler
+from loader_server.sources import publish
+
+
+SMALL = ({"op": "random_crop", "size": 12}, {"op": "flip_lr"}, {"op": "normalize", "mean": 0.5, "std": 0.25})
+
+
+def take(feed, n):
+    gen = feed.generator()
+    return [(x.copy(), y.copy()) for x, y in (next(gen) for _ in range(n))]
+
+
+def expected_batches(config, images, labels, n):
+    """The batches a server must deliver, recomputed in this process."""
+    segment = f"ringfeed-{os.getpid()}-0e0e0e0e-data"
+    try:
+        maker = BatchMaker(config, publish(images, labels, segment))
+        out = []
+        for seq in range(n):
+            epoch, index = divmod(seq, maker.sampler.steps_per_epoch)
+            x = np.empty((config.batch_size, *maker.pipeline.out_shape), maker.pipeline.out_dtype)
+            y = np.empty(config.batch_size, labels.dtype)
+            maker.make(epoch, index, x, y)
+            out.append((x, y))
+        return out
+    finally:
+        os.unlink(f"/dev/shm/{segment}")
+
+
+def test_workers_killed_every_200ms_lose_and_duplicate_nothing(name):
+    images, labels = rgb_images(1280, 32), np.arange(1280)
+    config = Config(batch_size=32, workers=3, name=name, seed=21, max_worker_restarts=10_000,
+                    augment=(*SMALL, {"op": "gaussian_noise", "std": 0.1}))
+    steps = 1280 // 32
+    expected = expected_batches(config, images, labels, 2 * steps)
+    kills = []
+    with Service(config, features=images, labels=labels) as svc, Feed(svc.endpoint, timeout_s=30) as feed:
+        stop = threading.Event()
+
+        def killer():
+            rng = random.Random(0)
+            while not stop.wait(0.2):
+                ready = (query_status(svc.endpoint) or {}).get("workers_ready", [])
+                if ready:
+                    pid = rng.choice(ready)
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append(pid)
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        try:
+            got = []
+            for x, y in feed.generator():  # a trainer's pace, so kills land mid-stream
+                got.append((x.copy(), y.copy()))
+                if len(got) == 2 * steps:
+                    break
+                time.sleep(0.03)
+        finally:
+            stop.set()
+            thread.join(5)
+        restarts = query_status(svc.endpoint)["worker_restarts"]
+    assert len(kills) >= 5 and restarts >= 5
+    for epoch in range(2):
+        ids = np.concatenate([y for _, y in got[epoch * steps:(epoch + 1) * steps]])
+        assert len(np.unique(ids)) == len(ids) == 1280
+    for (x, y), (ex, ey) in zip(got, expected):
+        assert x.tobytes() == ex.tobytes() and np.array_equal(y, ey)
+
+
+def _poisoned_images(seed):
+    images = rgb_images(64, 8) // 2
+    poisoned = int(Sampler(64, 8, seed, "shuffle").indices(0, 2)[5])
+    images[poisoned] = 255
+    return images, poisoned
+
+
+EXPLODE = ({"op": "normalize", "mean": 0.0, "std": 1.0},
+           {"op": "custom", "fn": "custom_ops:explode", "params": [0.9]})
+
+
+def test_on_error_skip_replaces_the_sample_and_counts_it(name):
+    images, poisoned = _poisoned_images(seed=4)
+    config = Config(batch_size=8, workers=2, name=name, seed=4, augment=EXPLODE, on_error="skip")
+    with Service(config, features=images, labels=np.arange(64)) as svc, Feed(svc.endpoint) as feed:
+        got = take(feed, feed.steps_per_epoch)
+        status = query_status(svc.endpoint)
+    ids = np.concatenate([y for _, y in got])
+    assert poisoned not in ids and len(ids) == 64 and len(np.unique(ids)) == 63
+    assert status["samples_skipped"] == 1
+    assert max(x.max() for x, _ in got) <= 0.9
+
+
+def test_on_error_raise_names_the_sample(name):
+    images, poisoned = _poisoned_images(seed=4)
+    config = Config(batch_size=8, workers=2, name=name, seed=4, augment=EXPLODE)
+    with Service(config, features=images, labels=np.arange(64)) as svc, Feed(svc.endpoint) as feed:
+        take(feed, 2)
+        with pytest.raises(RingfeedError) as err:
+            take(feed, 1)
+    assert err.value.sample == poisoned and "ValueError" in str(err.value)
+    assert "explode" in err.value.traceback  # the worker's own traceback, through the user op
+
+
+CLIENT_SCRIPT = """
+import sys, time
+from client import Feed
+feed = Feed(sys.argv[1])
+held = [b for _, b in zip(range(3), feed.generator())]
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_client_gives_its_slots_back_and_others_carry_on(name):
+    config = Config(batch_size=8, workers=2, slots=10, name=name, heartbeat_s=1.0)
+    with Service(config, features=rgb_images(400, 16), labels=np.arange(400)) as svc, \
+            Feed(svc.endpoint) as other:
+        victim = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, svc.endpoint], stdout=subprocess.PIPE,
+                                  text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+        try:
+            assert victim.stdout.readline().strip() == "holding"
+            assert query_status(svc.endpoint)["clients"] == 2
+            gen = other.generator()
+            next(gen)
+            victim.kill()
+            killed_at, gaps, last = time.monotonic(), [], time.monotonic()
+            while time.monotonic() - killed_at < 2 * config.heartbeat_s:
+                next(gen)
+                gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+        finally:
+            victim.kill()
+            victim.wait(10)
+        status = query_status(svc.endpoint)
+        assert status["clients"] == 1
+        assert status["slots"]["leased"] <= other.prefetch + 2
+        assert max(gaps) < 2 * config.heartbeat_s
+
+
+def test_server_killed_then_restarted_within_timeout_continues_the_stream(name):
+    images, labels = rgb_images(200, 16), np.arange(200)
+    config = Config(batch_size=8, workers=1, name=name, seed=8, augment=SMALL)
+    expected = expected_batches(config, images, labels, 12)
+    first = Service(config, features=images, labels=labels).start()
+    second = None
+    try:
+        with Feed(first.endpoint, timeout_s=20) as feed:
+            got = take(feed, 5)
+            os.kill(first.pid, signal.SIGKILL)
+            second = Service(config, features=images, labels=labels).start()
+            got += take(feed, 7)
+            assert feed.stats["reconnects"] == 1
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    for (x, y), (ex, ey) in zip(got, expected):
+        assert x.tobytes() == ex.tobytes() and np.array_equal(y, ey)
+
+
+def test_server_killed_with_no_restart_raises_within_5s(name):
+    svc = Service(Config(batch_size=8, workers=1, name=name), features=rgb_images(80, 8),
+                  labels=np.arange(80)).start()
+    try:
+        with Feed(svc.endpoint) as feed:  # default timeout_s
+            take(feed, 2)
+            os.kill(svc.pid, signal.SIGKILL)
+            started = time.monotonic()
+            with pytest.raises(ServerGoneError):
+                take(feed, 1000)
+            assert time.monotonic() - started <= 5.5
+    finally:
+        svc.stop()
+
+
+def test_a_new_server_removes_the_segments_of_a_killed_one(name):
+    config = Config(batch_size=8, workers=1, name=name)
+    first = Service(config, features=rgb_images(80, 8), labels=np.arange(80)).start()
+    dead_pid = first.pid
+    os.kill(dead_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(dead_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(s.startswith(f"ringfeed-{dead_pid}-") for s in ringfeed_segments())
+    first._proc.join(10)
+    first._proc = None  # keep stop() from cleaning up: the next server must do it
+    try:
+        with Service(config.with_overrides(name=name + "b"), features=rgb_images(80, 8),
+                     labels=np.arange(80)):
+            assert not any(s.startswith(f"ringfeed-{dead_pid}-") for s in ringfeed_segments())
+    finally:
+        first.stop()
+
+
+def test_a_ring_larger_than_free_shm_is_refused(name):
+    features = np.zeros((4, 1024 * 1024), np.float32)  # 4 MiB a sample
+    free_mib = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize / 2**20
+    slots = int(free_mib // 4) + 8
+    with pytest.raises(ConfigError, match=r"needs .* MiB of shared memory but /dev/shm has only"):
+        Service(Config(batch_size=1, workers=1, slots=slots, name=name), features=features,
+                labels=np.arange(4)).start()
+
+
+def _fuzz_frames(rng: random.Random):
+    valid_hello = protocol.hello(0, 0, 2, 0, "")[1]
+    commands = [protocol.HELLO, protocol.ACK, protocol.PING, protocol.BYE, protocol.STATUS, protocol.BATCH,
+                protocol.W_DONE, b"", b"\x00" * 40, bytes(rng.randrange(256) for _ in range(6))]
+    kind = rng.randrange(8)
+    command = rng.choice(commands)
+    if kind == 0:
+        return [command]
+    if kind == 1:
+        return [command, bytes(rng.randrange(256) for _ in range(rng.randrange(64)))]
+    if kind == 2:
+        return [protocol.HELLO, valid_hello[:rng.randrange(len(valid_hello))]]
+    if kind == 3:
+        return [protocol.ACK, os.urandom(4 * rng.randrange(1, 40))]
+    if kind == 4:
+        junk = rng.choice(['{"version": 1}', '{"version": 1, "start": "x", "credit": 1}', "null", "1e999",
+                           '{"version": 1, "start": [0, 99999999], "credit": 1, "pid": 0, "pidns": ""}',
+                           '{"version": 1, "start": [0, 0], "credit": 5, "pid": -3, "pidns": ""}'])
+        return [protocol.HELLO, junk.encode()]
+    if kind == 5:
+        return [command, b"x" * rng.choice([70_000, 300_000])]
+    if kind == 6:
+        return [command, b"a", b"b", b"c"][: rng.randrange(1, 5)]
+    return [protocol.HELLO, valid_hello, b"extra"]
+
+
+def test_fuzzing_10000_malformed_frames_leaves_the_server_serving(name):
+    images, labels = rgb_images(160, 16), np.arange(160)
+    config = Config(batch_size=8, workers=2, name=name, seed=13, heartbeat_s=0.5)
+    expected = expected_batches(config, images, labels, 10)
+    ctx = zmq.Context.instance()
+    rng = random.Random(1234)
+    with Service(config, features=images, labels=labels) as svc:
+        backend = glob.glob(os.path.join(os.environ["RINGFEED_RUNTIME_DIR"], f"{name}-*-workers.sock"))
+        targets = [svc.endpoint] * 4 + [f"ipc://{backend[0]}"]
+        sent = 0
+        for round_ in range(50):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.connect(targets[round_ % len(targets)])
+            for _ in range(200):
+                sock.send_multipart(_fuzz_frames(rng))
+                sent += 1
+            time.sleep(0.05)
+            sock.close(0)
+        assert sent == 10_000
+        time.sleep(1.0)
+        status = query_status(svc.endpoint)
+        assert status["protocol_errors"] > 1000 and status["workers"] == 2
+        with Feed(svc.endpoint) as feed:
+            got = take(feed, 10)
+    for (x, y), (ex, ey) in zip(got, expected):
+        assert x.tobytes() == ex.tobytes() and np.array_equal(y, ey)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_curve_refuses_clients_without_the_right_key(name, tmp_path):
+    keys = generate_keys(str(tmp_path / "keys"))
+    np.save(tmp_path / "features.npy", rgb_images(40, 8))
+    np.save(tmp_path / "labels.npy", np.arange(40))
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "loader_server.cli", "serve", "--data", str(tmp_path), "--batch-size", "4",
+         "--workers", "1", "--name", name, "--endpoint", endpoint, "--curve-secret-key", keys["server_secret"],
+         "--curve-authorized-keys", keys["authorized"]], stderr=subprocess.PIPE, text=True)
+    try:
+        with Feed(endpoint, timeout_s=60, curve_server_key=keys["server_public"],
+                  curve_secret_key=keys["client_secret"]) as feed:
+            assert next(feed.generator())[0].shape == (4, 8, 8, 3)
+        with pytest.raises(RingfeedError, match="refused this client's CURVE handshake"):
+            Feed(endpoint, timeout_s=5, curve_server_key=keys["server_public"])  # a key it does not know
+        with pytest.raises(RingfeedError):
+            Feed(endpoint, timeout_s=2)  # no CURVE at all
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=20)[1]
+    assert "refused a client: DENIED" in log
