@@ -31,13 +31,14 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol
-from .leases import RingMapping, copy_arrays, lease_arrays
+from .leases import RingMapping, copy_arrays, frame_arrays, lease_arrays
 from .paths import default_endpoint, pid_namespace
 from .security import client_curve_options
 
 POLL_S = 0.02
 DEFAULT_TIMEOUT_S = 5.0
-DEFAULT_PREFETCH = 4
+DEFAULT_PREFETCH = 8
+TRANSPORTS = ("auto", "shm", "frames")
 _MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
@@ -81,22 +82,39 @@ class Feed:
     """Batches from a ringfeed server, as numpy arrays that alias shared memory.
 
     ``Feed(endpoint=None, timeout_s=5.0)``: ``None`` means the local service
-    called ``name``. ``start=(epoch, index)`` resumes a stream; ``copy=True``
-    copies every batch out of the ring instead of lending it. For a CURVE
-    server give ``curve_server_key`` (its public key file) and
-    ``curve_secret_key`` (this client's secret key file, from ``ringfeed keys``).
+    called ``name``; a list of endpoints fans in from several servers (see
+    ``fanin.FanInFeed``). ``start=(epoch, index)`` resumes a stream;
+    ``copy=True`` copies every batch out of the ring instead of lending it.
+    ``transport``: "shm" maps the server's ring (same host), "frames" receives
+    each batch's bytes (any host), "auto" maps when it can. Feeds that share a
+    ``job`` name split one stream between them; ``shard=(i, n)`` asks for batch
+    indices i, i+n, ... of each epoch. For a CURVE server give
+    ``curve_server_key`` (its public key file) and ``curve_secret_key`` (this
+    client's secret key file, from ``ringfeed keys``).
     """
+
+    def __new__(cls, endpoint=None, **options):
+        if isinstance(endpoint, (list, tuple)):
+            from .fanin import FanInFeed
+
+            return FanInFeed(list(endpoint), **options)
+        return super().__new__(cls)
 
     def __init__(self, endpoint: str | None = None, *, name: str = "default",
                  timeout_s: float = DEFAULT_TIMEOUT_S, prefetch: int = DEFAULT_PREFETCH,
-                 start: tuple[int, int] = (0, 0), copy: bool = False,
+                 start: tuple[int, int] = (0, 0), copy: bool = False, transport: str = "auto",
+                 job: str | None = None, shard: tuple[int, int] = (0, 1),
                  curve_server_key: str | None = None, curve_secret_key: str | None = None):
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an integer >= 1, got {prefetch!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.endpoint = endpoint or default_endpoint(name)
+        self.transport, self.job, self.shard = transport, job, tuple(shard)
         self.timeout_s, self.copy, self.prefetch = timeout_s, copy, prefetch
+        self._ack_every = max(1, prefetch // 2)  # coalesce ACKs: fewer messages, credit still flowing
         self._curve = client_curve_options(curve_server_key, curve_secret_key)
         self._lock = threading.Lock()
         self._inbox: deque = deque()
@@ -106,11 +124,12 @@ class Feed:
         self._failure: Exception | None = None
         self._disconnected_at: float | None = None
         self._closed = False
+        self.last_batch: tuple[int, int] | None = None  # (epoch, index) of the batch returned last
         self.stats = {"batches": 0, "wait_s": 0.0, "reconnects": 0}
         self._sock = self._monitor = None
         self.spec: FeedSpec | None = None
-        self._next = 0
-        self._connect(start)
+        self._start, self._next = tuple(start), 0
+        self._connect(self._start)
         self._thread = threading.Thread(target=self._heartbeat_loop, name="ringfeed-heartbeat", daemon=True)
         self._thread.start()
 
@@ -118,14 +137,17 @@ class Feed:
 
     @property
     def position(self) -> tuple[int, int]:
-        """(epoch, index) of the next batch this feed will return."""
-        return divmod(self._next, self.steps_per_epoch)
+        """(epoch, index) of the next batch this feed will return (its own shard's next, if sharded)."""
+        epoch, k = divmod(self._next, self.steps_per_epoch)
+        return epoch, self.shard[0] + k * self.shard[1]
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         if self._closed:
             raise RingfeedError("this Feed is closed")
         with self._lock:
-            self._flush()
+            self._flush(force=not self._inbox)
+            if not self._inbox:
+                self._pump(0)
             if not self._inbox:
                 waited_from = time.perf_counter()
                 while not self._inbox:
@@ -135,8 +157,11 @@ class Feed:
                     self._pump(POLL_S)
                     self._check_alive()
                 self.stats["wait_s"] += time.perf_counter() - waited_from
-            msg = self._inbox.popleft()
-            if msg.flags & protocol.FLAG_COPY or self.copy:
+            msg, data = self._inbox.popleft()
+            self.last_batch = (msg.epoch, msg.index)
+            if data is not None:
+                batch = frame_arrays(self._layout, *data)
+            elif msg.flags & protocol.FLAG_COPY or self.copy:
                 batch = copy_arrays(self._mapping, msg.slot)
                 self._released.append(msg.slot)
             else:
@@ -165,7 +190,7 @@ class Feed:
             return
         self._closed = True
         with self._lock:
-            self._released.extend(msg.slot for msg in self._inbox)
+            self._released.extend(msg.slot for msg, data in self._inbox if data is None)
             self._inbox.clear()
             self._flush()
 
@@ -196,7 +221,7 @@ class Feed:
         """Open a socket, say HELLO from ``start`` and wait (until ``deadline``) for WELCOME."""
         self._open_socket()
         self._sock.send_multipart(protocol.hello(start[0], start[1], self.prefetch, os.getpid(),
-                                                 pid_namespace()))
+                                                 pid_namespace(), self.job, self.shard))
         deadline = deadline or time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             if not self._poller.poll(POLL_S * 1000):
@@ -209,6 +234,7 @@ class Feed:
             frames = self._sock.recv_multipart()
             if frames[0] == protocol.WELCOME:
                 self._welcome(protocol.decode_json(frames[1], "WELCOME"))
+                self._sock.send_multipart(protocol.mode(self._mapping is None))
                 self._last_heard = time.monotonic()
                 self._disconnected_at = None
                 return
@@ -234,15 +260,21 @@ class Feed:
             self._failure = RingfeedError(f"the server at {self.endpoint} came back with a different "
                                           f"stream: {spec} instead of {self.spec}")
             self._abandon()
-        try:
-            self._mapping = RingMapping(layout)
-        except OSError as exc:
-            self._failure = RingfeedError(
-                f"cannot map the server's ring segment {layout['segment']!r} ({exc}); "
-                "the client must run on the server's host and IPC namespace")
-            self._abandon()
+        self._layout, self._mapping = layout, None
+        if self.transport != "frames":
+            try:
+                self._mapping = RingMapping(layout)
+            except OSError as exc:
+                if self.transport == "shm":
+                    self._failure = RingfeedError(
+                        f"cannot map the server's ring segment {layout['segment']!r} ({exc}); "
+                        "transport='shm' needs the server's host and IPC namespace")
+                    self._abandon()
+        if self.spec is None:
+            i, n = self.shard
+            self.steps_per_epoch = len(range(i, spec.steps_per_epoch, n))  # batches per epoch for this feed
+            self._next = self._start[0] * self.steps_per_epoch + (self._start[1] - i) // n
         self.spec = spec
-        self.steps_per_epoch = spec.steps_per_epoch
         self.heartbeat_s = float(welcome["heartbeat_s"])
 
     def _reconnect(self) -> None:
@@ -266,28 +298,43 @@ class Feed:
     def _read_monitor(self) -> None:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
-            if event == zmq.EVENT_DISCONNECTED:
+            if event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
                 self._disconnected_at = self._disconnected_at or time.monotonic()
             else:
                 self._failure = RingfeedError(f"the server at {self.endpoint} refused this client's "
                                               "CURVE handshake (wrong or missing key)")
 
     def _pump(self, wait_s: float) -> None:
-        while self._poller.poll(wait_s * 1000):
-            wait_s = 0
+        """Take in what has arrived; if nothing has, wait up to ``wait_s`` for the socket or monitor."""
+        if self._drain() or not wait_s:
+            return
+        if self._monitor in dict(self._poller.poll(wait_s * 1000)):
             self._read_monitor()
-            while self._sock.poll(0):
-                self._receive(self._sock.recv_multipart())
+        self._drain()
 
-    def _receive(self, frames: list[bytes]) -> None:
+    def _drain(self) -> int:
+        count = 0
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return count
+            self._receive(frames)
+            count += 1
+
+    def _receive(self, frames: list[zmq.Frame]) -> None:
         self._last_heard = time.monotonic()
-        command = frames[0]
+        command = frames[0].bytes
         if command == protocol.BATCH:
             msg = protocol.parse_batch(frames)
+            data = tuple(frames[2:]) or None
+            if (data is None) != (self._mapping is not None):
+                raise protocol.ProtocolError(f"BATCH with {len(frames)} frames does not fit this feed's transport")
             if self._closed:
-                self._released.append(msg.slot)
+                if data is None:
+                    self._released.append(msg.slot)
             else:
-                self._inbox.append(msg)
+                self._inbox.append((msg, data))
         elif command == protocol.ERROR:
             details = protocol.parse_error(frames)
             self._failure = (RemoteWorkerError(details) if details["kind"] != "ProtocolError"
@@ -295,7 +342,10 @@ class Feed:
         elif command != protocol.PING:
             self._failure = RingfeedError(f"unexpected message {command[:32]!r} from the server")
 
-    def _flush(self) -> None:
+    def _flush(self, force: bool = True) -> None:
+        """Return released slots and owed credit; unless ``force``, only once enough credit is owed."""
+        if not force and self._credit_owed < self._ack_every:
+            return
         releases = []
         while self._released:
             releases.append(self._released.popleft())
@@ -321,6 +371,7 @@ class Feed:
             with self._lock:
                 if self._sock.closed:
                     return
+                self._read_monitor()
                 self._pump(0)
                 self._flush()
                 self._check_alive()

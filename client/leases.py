@@ -23,18 +23,22 @@ from .paths import SHM_DIR
 
 
 class RingMapping:
-    """The client's mapping of the server's ring segment."""
+    """The client's mapping of the server's ring segment; ``OSError`` if it is not reachable here."""
 
     def __init__(self, layout: dict):
         path = Path(SHM_DIR) / layout["segment"]
         fd = os.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
-            if size < layout["slots"] * layout["slot_bytes"]:
-                raise ValueError(f"ring segment {path} is {size} bytes, smaller than its layout")
+            if size < layout["header"] + layout["slots"] * layout["slot_bytes"]:
+                raise OSError(f"ring segment {path} is {size} bytes, smaller than its layout")
             self._mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
+        token = bytes.fromhex(layout["token"])
+        if self._mm[:len(token)] != token:
+            self._mm.close()
+            raise OSError(f"{path} is another server's segment (token mismatch)")
         self._base = np.frombuffer(self._mm, np.uint8)
         self.address = self._base.ctypes.data
         self.layout = layout
@@ -68,7 +72,7 @@ def lease_arrays(mapping: RingMapping, slot: int, released: deque) -> tuple[np.n
     """(x, y) aliasing ``slot``; ``slot`` is appended to ``released`` once both are gone."""
     lease = _Lease(mapping)
     weakref.finalize(lease, released.append, slot)
-    start = mapping.address + slot * mapping.layout["slot_bytes"]
+    start = mapping.address + mapping.layout["header"] + slot * mapping.layout["slot_bytes"]
     x = np.asarray(_SlotArray(lease, start + mapping.layout["x_offset"], mapping.x_shape, mapping.x_dtype))
     y = np.asarray(_SlotArray(lease, start + mapping.layout["y_offset"], mapping.y_shape, mapping.y_dtype))
     return x, y
@@ -76,6 +80,19 @@ def lease_arrays(mapping: RingMapping, slot: int, released: deque) -> tuple[np.n
 
 def copy_arrays(mapping: RingMapping, slot: int) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) copied out of ``slot``, so the slot can be released at once."""
-    start = slot * mapping.layout["slot_bytes"]
+    start = mapping.layout["header"] + slot * mapping.layout["slot_bytes"]
     return (mapping.view(start + mapping.layout["x_offset"], mapping.x_shape, mapping.x_dtype).copy(),
             mapping.view(start + mapping.layout["y_offset"], mapping.y_shape, mapping.y_dtype).copy())
+
+
+def frame_arrays(layout: dict, x_frame, y_frame) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) over the received ZeroMQ frames of a batch, without another copy."""
+    arrays = []
+    for frame, shape, dtype in ((x_frame, layout["x_shape"], layout["x_dtype"]),
+                                (y_frame, layout["y_shape"], layout["y_dtype"])):
+        dtype = np.dtype(dtype)
+        expected = int(np.prod(shape)) * dtype.itemsize
+        if len(frame) != expected:
+            raise ValueError(f"batch frame of {len(frame)} bytes, expected {expected} for {tuple(shape)} {dtype}")
+        arrays.append(np.frombuffer(frame, dtype).reshape(shape))
+    return arrays[0], arrays[1]

@@ -8,12 +8,16 @@ evaluated: every parser checks frame count, size and types, and raises
 
 Client <-> broker (the client's DEALER talks to the broker's ROUTER)::
 
-    HELLO  {version, start: [epoch, index], credit, pid, pidns} -> WELCOME {spec...}
+    HELLO  {version, start: [epoch, index], credit, pid, pidns, job?, shard?: [i, n]}
+                                                      -> WELCOME {layout, ring_token, spec...}
+    MODE   b"shm" | b"frames"                         (how batches travel; streaming starts)
     ACK    <credit:u32> <slot:u32>*                   (more credit, released slots)
     PING                                              (liveness, both directions)
     BYE                                               (client leaves; its slots are freed)
     STATUS                                            -> STATUS {counters...}
-    BATCH  <slot:u32 flags:u32 epoch:i64 index:i64 seq:u64>   (broker -> client)
+    BATCH  <slot:u32 flags:u32 epoch:i64 index:i64 seq:u64> [x bytes, y bytes]
+                                                      (broker -> client; the two data frames
+                                                       only in "frames" mode)
     ERROR  {kind, message, traceback?, epoch?, index?, sample?} (broker -> client)
 
 Worker <-> broker (internal ipc socket in the owner-only runtime folder)::
@@ -37,6 +41,10 @@ MAX_RELEASES_PER_ACK = 4096
 
 HELLO = b"HELLO"
 WELCOME = b"WELCOME"
+MODE = b"MODE"
+MODES = (b"shm", b"frames")
+MAX_JOB_CHARS = 64
+MAX_SHARDS = 1024
 ACK = b"ACK"
 PING = b"PING"
 BYE = b"BYE"
@@ -135,11 +143,17 @@ class HelloMsg:
     credit: int
     pid: int  # the client's pid, meaningful only within the pid namespace ``pidns``
     pidns: str
+    job: str | None = None  # clients naming the same job split one stream
+    shard: tuple[int, int] = (0, 1)  # this client wants batch indices i, i+n, i+2n, ... of each epoch
 
 
-def hello(start_epoch: int, start_index: int, credit: int, pid: int, pidns: str) -> list[bytes]:
-    return [HELLO, encode_json({"version": PROTOCOL_VERSION, "start": [start_epoch, start_index],
-                                "credit": credit, "pid": pid, "pidns": pidns})]
+def hello(start_epoch: int, start_index: int, credit: int, pid: int, pidns: str,
+          job: str | None = None, shard: tuple[int, int] = (0, 1)) -> list[bytes]:
+    body = {"version": PROTOCOL_VERSION, "start": [start_epoch, start_index], "credit": credit,
+            "pid": pid, "pidns": pidns, "shard": list(shard)}
+    if job is not None:
+        body["job"] = job
+    return [HELLO, encode_json(body)]
 
 
 def parse_hello(frames: list) -> HelloMsg:
@@ -158,7 +172,27 @@ def parse_hello(frames: list) -> HelloMsg:
     pidns = json_field(obj, "pidns", str, "HELLO")
     if pid < 0 or len(pidns) > 256:
         raise ProtocolError(f"HELLO: pid must be >= 0 and pidns at most 256 characters, got {pid}, {pidns[:64]!r}")
-    return HelloMsg(start[0], start[1], credit, pid, pidns)
+    job = obj.get("job")
+    if job is not None and (not isinstance(job, str) or not 0 < len(job) <= MAX_JOB_CHARS):
+        raise ProtocolError(f"HELLO: job must be a string of 1 to {MAX_JOB_CHARS} characters, got {job!r:.80}")
+    shard = json_field(obj, "shard", list, "HELLO")
+    if (len(shard) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+            or not 0 <= shard[0] < shard[1] <= MAX_SHARDS):
+        raise ProtocolError(f"HELLO: shard must be [i, n] with 0 <= i < n <= {MAX_SHARDS}, got {shard!r:.80}")
+    return HelloMsg(start[0], start[1], credit, pid, pidns, job, (shard[0], shard[1]))
+
+
+def mode(frames_mode: bool) -> list[bytes]:
+    return [MODE, MODES[frames_mode]]
+
+
+def parse_mode(frames: list) -> bool:
+    """True for "frames" (batch bytes in the message), False for "shm" (slot descriptor only)."""
+    _expect_frames(frames, 2, "MODE")
+    value = bytes(memoryview(frames[1]))
+    if value not in MODES:
+        raise ProtocolError(f"MODE: expected one of {MODES}, got {value[:32]!r}")
+    return value == MODES[1]
 
 
 def ack(credit: int, releases: list[int]) -> list[bytes]:
@@ -182,7 +216,8 @@ def batch(msg: BatchMsg) -> list[bytes]:
 
 
 def parse_batch(frames: list) -> BatchMsg:
-    _expect_frames(frames, 2, "BATCH")
+    if len(frames) not in (2, 4):
+        raise ProtocolError(f"BATCH: expected 2 or 4 frames, got {len(frames)}")
     return BatchMsg(*_unpack(_BATCH, frames[1], "BATCH"))
 
 

@@ -3,15 +3,17 @@
 Clients talk to the frontend ROUTER, workers to the backend ROUTER; worker
 process sentinels sit in the same poller. Each pass of the loop handles what
 arrived, then ``_schedule`` hands tasks to warm workers with spare capacity
-while there are FREE slots and clients with unused credit, and ``_deliver``
-sends READY slots to their client in batch order (or as they finish, when
-``ordered`` is off).
+while there are FREE slots and started clients with unused credit, and
+``_deliver`` sends READY slots to their client in batch order (or as they
+finish, when ``ordered`` is off).
 
-Per client the broker keeps a cursor of batch numbers (``seq``; batch
-``start + seq`` of the stream is (epoch, index) = divmod(..., steps_per_epoch)),
-its credit and a reorder buffer. A dead worker's slots are freed and its
-batches recomputed first; a client that goes quiet for ``1.5 * heartbeat_s``
-loses its slots.
+Delivery is a slot descriptor for clients that map the ring ("shm" mode) or
+the slot's bytes as ``copy=False`` frames ("frames" mode, for other hosts);
+such a slot is freed once ZeroMQ's tracker says the bytes are gone.
+
+A dead worker's slots are freed and its batches recomputed first. A client
+that is gone (its process, over ipc; ``1.5 * heartbeat_s`` of silence
+otherwise) loses its slots, and batches it never received return to its job.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from client.protocol import BatchMsg, ProtocolError, TaskMsg
 from .config import Config
 from .pool import RestartLimitError, WorkerPool
 from .procs import pid_alive
-from .ring import Layout, SlotState
+from .ring import Layout, Ring, SlotState
+from .streams import ClientState, Job
 
 log = logging.getLogger("ringfeed.broker")
 
 TICK_S = 0.1
-WORKER_INFLIGHT = 2
+WORKER_INFLIGHT = 3
 RATE_WINDOW_S = 5.0
 CLIENT_TIMEOUT_FACTOR = 1.5
 LOCAL_CLIENT_SILENCE_S = 60.0
@@ -47,6 +50,7 @@ class Slot:
     state: SlotState = SlotState.FREE
     worker: int | None = None
     client: bytes | None = None
+    job: Job | None = None
     seq: int = -1
     epoch: int = -1
     index: int = -1
@@ -58,20 +62,6 @@ class WorkerState:
     inflight: set = field(default_factory=set)
 
 
-@dataclass
-class ClientState:
-    identity: bytes
-    start: int
-    credit: int
-    last_seen: float
-    local_pid: int | None  # set when the client shares our pid namespace
-    next_seq: int = 0
-    next_deliver: int = 0
-    scheduled: int = 0
-    ready: dict = field(default_factory=dict)
-    leased: set = field(default_factory=set)
-
-
 @dataclass(frozen=True)
 class Retask:
     client: bytes
@@ -79,52 +69,68 @@ class Retask:
 
 
 class Broker:
-    def __init__(self, config: Config, layout: Layout, pool: WorkerPool, frontend: zmq.Socket,
+    def __init__(self, config: Config, ring: Ring, pool: WorkerPool, frontend: zmq.Socket,
                  backend: zmq.Socket, welcome: dict, on_ready):
-        self.config, self.layout, self.pool = config, layout, pool
+        self.config, self.ring, self.layout, self.pool = config, ring, ring.layout, pool
         self.frontend, self.backend = frontend, backend
         self.welcome = welcome
         self.steps = welcome["steps_per_epoch"]
         self.on_ready = on_ready
         self.is_ready = False
-        self.slots = [Slot() for _ in range(layout.slots)]
-        self.free = deque(range(layout.slots))
+        self.slots = [Slot() for _ in range(self.layout.slots)]
+        self.free = deque(range(self.layout.slots))
         self.workers = {wid: WorkerState() for wid in pool.procs}
         self.identities: dict[bytes, int] = {}
         self.clients: dict[bytes, ClientState] = {}
+        self.jobs: dict[str, Job] = {}
         self.retask: deque[Retask] = deque()
         self.deaths: dict[Retask, int] = {}
+        self.in_transit: list = []  # (zmq MessageTracker, slot) of batches sent as frames
+        self.leased = 0  # shm slots in client hands
         self.served = 0
         self.skipped = 0
         self.served_times: deque[float] = deque()
         self.protocol_errors = 0
         self.started = time.monotonic()
         self.last_ping = 0.0
-        self.max_credit = max(1, layout.slots // 2)
+        self.max_credit = max(1, self.layout.slots // 2)
         # Client pids are trusted for liveness only over ipc, where only our own user can connect.
         self.pidns = pid_namespace() if config.endpoint.startswith("ipc://") else None
 
     # -- main loop -------------------------------------------------------
 
     def run(self, should_stop) -> None:
+        poller, sentinels = self._poller()
+        next_housekeeping = 0.0
         while not should_stop():
-            poller = zmq.Poller()
-            poller.register(self.frontend, zmq.POLLIN)
-            poller.register(self.backend, zmq.POLLIN)
-            sentinels = self.pool.sentinels()
-            for fd in sentinels:
-                poller.register(fd, zmq.POLLIN)
             events = dict(poller.poll(TICK_S * 1000))
             if self.backend in events:
                 self._drain(self.backend, self._on_worker_message)
             if self.frontend in events:
                 self._drain(self.frontend, self._on_client_message)
-            for fd, wid in sentinels.items():
-                if fd in events:
-                    self._on_worker_exit(wid)
-            self._expire_clients()
+            exited = [wid for fd, wid in sentinels.items() if fd in events]
+            for wid in exited:
+                self._on_worker_exit(wid)
+            if exited:
+                poller, sentinels = self._poller()
+            if self.in_transit:
+                self._reap_transit()
+            now = time.monotonic()
+            if now >= next_housekeeping:
+                next_housekeeping = now + TICK_S
+                self._expire_clients()
+                self._ping_clients()
             self._schedule()
-            self._ping_clients()
+
+    def _poller(self) -> tuple[zmq.Poller, dict[int, int]]:
+        """A poller over both sockets and every worker's sentinel (rebuilt when workers change)."""
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        sentinels = self.pool.sentinels()
+        for fd in sentinels:
+            poller.register(fd, zmq.POLLIN)
+        return poller, sentinels
 
     def stop_workers(self) -> None:
         for state in self.workers.values():
@@ -190,7 +196,7 @@ class Broker:
         client = self.clients.get(slot.client)
         self._free(slot_id)
         if client is not None:
-            client.scheduled -= 1
+            client.unassign(slot.seq)
             self._send_client(client.identity, protocol.error(
                 details["kind"], details["message"], traceback=details.get("traceback"),
                 epoch=slot.epoch, index=slot.index, sample=details.get("sample"),
@@ -205,7 +211,8 @@ class Broker:
                 task = Retask(slot.client, slot.seq)
                 self.deaths[task] = self.deaths.get(task, 0) + 1
                 self.retask.append(task)
-                self.clients[slot.client].scheduled -= 1
+            elif slot.job.members:
+                slot.job.retask.append(slot.seq)
             self._free(slot_id)
         self.workers[worker_id] = WorkerState()
         try:
@@ -223,7 +230,9 @@ class Broker:
         for task in [t for t in self.retask if self.deaths.get(t, 0) >= MAX_DEATHS_PER_BATCH]:
             self.retask.remove(task)
             self.deaths.pop(task)
-            epoch, index = self._position(self.clients[task.client], task.seq)
+            client = self.clients[task.client]
+            client.unassign(task.seq)
+            epoch, index = client.job.position(task.seq)
             self._send_client(task.client, protocol.error(
                 "WorkerCrash", f"batch (epoch {epoch}, index {index}) killed {MAX_DEATHS_PER_BATCH} "
                 f"workers; the last exited with code {exit_code}", epoch=epoch, index=index))
@@ -243,6 +252,9 @@ class Broker:
                 raise ProtocolError(f"command {command[:32]!r} from a client that has not said HELLO")
             elif command == protocol.ACK:
                 self._on_ack(client, *protocol.parse_ack(body))
+            elif command == protocol.MODE:
+                client.frames, client.started = protocol.parse_mode(body), True
+                client.last_seen = time.monotonic()
             elif command == protocol.PING:
                 client.last_seen = time.monotonic()
             elif command == protocol.BYE:
@@ -254,14 +266,24 @@ class Broker:
             self._send_client(identity, protocol.error("ProtocolError", str(exc)))
 
     def _on_hello(self, identity: bytes, hello: protocol.HelloMsg) -> None:
-        if hello.index >= self.steps:
-            raise ProtocolError(f"HELLO: start index {hello.index} is past the epoch ({self.steps} batches)")
+        i, n = hello.shard
+        if hello.index >= self.steps or hello.index % n != i:
+            raise ProtocolError(f"HELLO: start index {hello.index} is not in shard ({i}, {n}) of an epoch "
+                                f"of {self.steps} batches")
+        if n > self.steps:
+            raise ProtocolError(f"HELLO: {n} shards of an epoch of only {self.steps} batches")
         if identity in self.clients:
             self._drop_client(self.clients[identity])
+        job = self.jobs.get(hello.job) if hello.job is not None else None
+        if job is None or job.shard != hello.shard:
+            job = Job(hello.job, 0, hello.shard, self.steps)
+            job.start = hello.epoch * job.per_epoch + (hello.index - i) // n
+            if hello.job is not None:
+                self.jobs[hello.job] = job
+        job.members += 1
         credit = min(hello.credit, self.max_credit)
         local_pid = hello.pid if hello.pid > 0 and hello.pidns and hello.pidns == self.pidns else None
-        self.clients[identity] = ClientState(identity, hello.epoch * self.steps + hello.index, credit,
-                                             time.monotonic(), local_pid)
+        self.clients[identity] = ClientState(identity, job, credit, time.monotonic(), local_pid)
         self._send_client(identity, [protocol.WELCOME, protocol.encode_json({**self.welcome, "credit": credit})])
 
     def _on_ack(self, client: ClientState, credit: int, releases: tuple[int, ...]) -> None:
@@ -271,10 +293,18 @@ class Broker:
             if slot_id not in client.leased:
                 raise ProtocolError(f"ACK releases slot {slot_id}, which this client does not hold")
             client.leased.discard(slot_id)
+            self.leased -= 1
             self._free(slot_id)
 
     def _drop_client(self, client: ClientState) -> None:
         del self.clients[client.identity]
+        job = client.job
+        job.members -= 1
+        if job.members:
+            job.retask.extend(sorted(client.assigned))  # another member gets them
+        elif job.name is not None:
+            del self.jobs[job.name]
+        self.leased -= len(client.leased)
         for slot_id in list(client.leased) + list(client.ready.values()):
             self._free(slot_id)
         self.retask = deque(t for t in self.retask if t.client != client.identity)
@@ -307,20 +337,18 @@ class Broker:
 
     # -- scheduling and delivery ------------------------------------------
 
-    def _position(self, client: ClientState, seq: int) -> tuple[int, int]:
-        return divmod(client.start + seq, self.steps)
-
     def _next_task(self) -> Retask | None:
         while self.retask:
             task = self.retask.popleft()
             if task.client in self.clients:
                 return task
-        hungry = [c for c in self.clients.values() if c.credit - c.scheduled > 0]
+        hungry = [c for c in self.clients.values() if c.hungry]
         if not hungry:
             return None
-        client = min(hungry, key=lambda c: c.scheduled - c.credit)
-        client.next_seq += 1
-        return Retask(client.identity, client.next_seq - 1)
+        client = min(hungry, key=lambda c: len(c.assigned) - c.credit)
+        seq = client.job.take_seq()
+        client.assign(seq)
+        return Retask(client.identity, seq)
 
     def _schedule(self) -> None:
         while self.free:
@@ -333,33 +361,43 @@ class Broker:
                 return
             worker_id = min(idle)[1]
             client = self.clients[task.client]
-            epoch, index = self._position(client, task.seq)
+            epoch, index = client.job.position(task.seq)
             slot_id = self.free.popleft()
-            self.slots[slot_id] = Slot(SlotState.FILLING, worker_id, task.client, task.seq, epoch, index)
+            self.slots[slot_id] = Slot(SlotState.FILLING, worker_id, task.client, client.job, task.seq,
+                                       epoch, index)
             self.workers[worker_id].inflight.add(slot_id)
-            client.scheduled += 1
             self.backend.send_multipart([self.workers[worker_id].identity,
                                          *protocol.task(TaskMsg(slot_id, epoch, index))])
 
     def _deliver(self, client: ClientState) -> None:
-        while client.ready:
-            seq = client.next_deliver if self.config.ordered else next(iter(client.ready))
-            slot_id = client.ready.pop(seq, None)
-            if slot_id is None:
-                return
-            client.next_deliver += self.config.ordered
+        while (seq := client.next_deliverable(self.config.ordered)) is not None:
+            slot_id = client.delivered(seq)
             slot = self.slots[slot_id]
             slot.state = SlotState.LEASED
-            client.leased.add(slot_id)
-            client.credit -= 1
-            client.scheduled -= 1
-            leased = sum(len(c.leased) for c in self.clients.values())
-            # Keep enough slots out of client hands for every worker to keep filling.
-            flags = protocol.FLAG_COPY if leased > len(self.slots) - len(self.workers) else 0
-            self._send_client(client.identity, protocol.batch(
-                BatchMsg(slot_id, flags, slot.epoch, slot.index, seq)))
+            header = BatchMsg(slot_id, 0, slot.epoch, slot.index, seq)
+            if client.frames:
+                tracker = self.frontend.send_multipart(
+                    [client.identity, *protocol.batch(header), self.ring.x[slot_id], self.ring.y[slot_id]],
+                    copy=False, track=True)
+                self.in_transit.append((tracker, slot_id))
+            else:
+                client.leased.add(slot_id)
+                self.leased += 1
+                # Keep enough slots out of client hands for every worker to keep filling.
+                if self.leased > len(self.slots) - len(self.workers):
+                    header = BatchMsg(slot_id, protocol.FLAG_COPY, slot.epoch, slot.index, seq)
+                self._send_client(client.identity, protocol.batch(header))
             self.served += 1
             self.served_times.append(time.monotonic())
+
+    def _reap_transit(self) -> None:
+        still = []
+        for tracker, slot_id in self.in_transit:
+            if tracker.done:
+                self._free(slot_id)
+            else:
+                still.append((tracker, slot_id))
+        self.in_transit = still
 
     def _free(self, slot_id: int) -> None:
         self.slots[slot_id] = Slot()
@@ -386,6 +424,7 @@ class Broker:
             "worker_restarts": self.pool.restarts_total,
             "slots": {"total": len(self.slots), **counts},
             "clients": len(self.clients),
+            "jobs": sorted(self.jobs),
             "batches_served": self.served,
             "samples_skipped": self.skipped,
             "samples_per_s": round(len(self.served_times) * self.config.batch_size / window, 1),

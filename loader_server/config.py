@@ -63,8 +63,8 @@ class Config:
         _check_number("heartbeat_s", self.heartbeat_s, 0.0)
         _check_number("start_timeout_s", self.start_timeout_s, 0.0)
         if self.slots is None:
-            # Each worker holds two tasks in flight; leave room for client leases.
-            object.__setattr__(self, "slots", max(8, 2 * self.workers + 6))
+            # Each worker holds up to three tasks in flight; leave room for client credit and leases.
+            object.__setattr__(self, "slots", max(16, 4 * self.workers + 8))
         _check_int("slots", self.slots, 3)
         if self.steps_per_epoch is not None:
             _check_int("steps_per_epoch", self.steps_per_epoch, 1)

@@ -1,6 +1,8 @@
 """The ring: one shared-memory segment of ``slots`` equal slots, each holding one batch.
 
-Slot ``k`` starts at ``k * slot_bytes`` (a multiple of the page size); inside
+The first page holds ``token`` (16 random bytes), which a client compares with
+the token in WELCOME to be sure it mapped this server's ring and not a namesake
+on another host. Slot ``k`` starts at ``HEADER + k * slot_bytes``; inside
 it the features array ``x`` and the labels array ``y`` each start on a
 64-byte boundary, so TensorFlow can alias them without a copy. The layout is
 sent to clients as plain JSON; they map the same file and build the same views.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import mmap
+import secrets
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,6 +25,7 @@ from . import shm
 
 ALIGN = 64
 PAGE = mmap.PAGESIZE
+HEADER = PAGE
 
 
 class SlotState(enum.Enum):
@@ -38,6 +42,8 @@ def _round_up(n: int, to: int) -> int:
 @dataclass(frozen=True)
 class Layout:
     segment: str
+    token: str  # hex of the bytes at the start of the segment
+    header: int
     slots: int
     slot_bytes: int
     x_offset: int
@@ -54,12 +60,12 @@ class Layout:
         y_offset = _round_up(x_bytes, ALIGN)
         y_bytes = int(np.prod(y_shape)) * y_dtype.itemsize
         slot_bytes = _round_up(y_offset + y_bytes, PAGE)
-        return cls(segment, slots, slot_bytes, 0, tuple(x_shape), x_dtype.str, y_offset,
-                   tuple(y_shape), y_dtype.str)
+        return cls(segment, secrets.token_hex(16), HEADER, slots, slot_bytes, 0, tuple(x_shape), x_dtype.str,
+                   y_offset, tuple(y_shape), y_dtype.str)
 
     @property
     def nbytes(self) -> int:
-        return self.slots * self.slot_bytes
+        return self.header + self.slots * self.slot_bytes
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -73,13 +79,16 @@ class Ring:
         if create:
             shm.check_space(layout.nbytes, f"a ring of {layout.slots} slots x {layout.slot_bytes} bytes")
             self._mm = shm.create(layout.segment, layout.nbytes)
+            token = bytes.fromhex(layout.token)
+            self._mm[:len(token)] = token
         else:
             self._mm = shm.attach(layout.segment)
         self.x = [self._view(k, layout.x_offset, layout.x_shape, layout.x_dtype) for k in range(layout.slots)]
         self.y = [self._view(k, layout.y_offset, layout.y_shape, layout.y_dtype) for k in range(layout.slots)]
 
     def _view(self, slot: int, offset: int, shape: tuple, dtype: str) -> np.ndarray:
-        return np.ndarray(shape, np.dtype(dtype), buffer=self._mm, offset=slot * self.layout.slot_bytes + offset)
+        start = self.layout.header + slot * self.layout.slot_bytes
+        return np.ndarray(shape, np.dtype(dtype), buffer=self._mm, offset=start + offset)
 
     def close(self) -> None:
         """Drop the views, then unmap; call only when no view is referenced elsewhere."""

@@ -140,7 +140,7 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
             if on_ready is not None:
                 on_ready(config.endpoint)
 
-        broker = Broker(config, layout, pool, frontend, backend, welcome, ready)
+        broker = Broker(config, ring, pool, frontend, backend, welcome, ready)
 
         def should_stop():
             if not broker.is_ready and time.monotonic() - started > config.start_timeout_s:
