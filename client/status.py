@@ -5,12 +5,17 @@ from __future__ import annotations
 import zmq
 
 from . import protocol
+from .security import client_curve_options
 
 
-def query_status(endpoint: str, timeout_s: float = 2.0) -> dict | None:
-    """The server's status counters, or ``None`` if nothing answered within ``timeout_s``."""
+def query_status(endpoint: str, timeout_s: float = 2.0, curve_server_key: str | None = None,
+                 curve_secret_key: str | None = None) -> dict | None:
+    """The server's status counters, or ``None`` if nothing answered within ``timeout_s``.
+    A CURVE server needs its public key and an authorised client secret key file."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    for option, value in client_curve_options(curve_server_key, curve_secret_key).items():
+        sock.setsockopt(option, value)
     try:
         sock.connect(endpoint)
         sock.send_multipart([protocol.STATUS])

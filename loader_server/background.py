@@ -1,8 +1,9 @@
 """``ringfeed start/stop``: the server as a detached background process.
 
 ``start`` launches ``ringfeed serve`` in a new session with its output in a
-log file, and returns once the server answers STATUS (workers warm) or fails
-with the log's tail. ``stop`` sends SIGTERM (the server's shutdown protocol
+log file, and returns once the server has written its state file (which it
+does when the workers are warm and the endpoint is bound) or fails with the
+log's tail. ``stop`` sends SIGTERM (the server's shutdown protocol
 does the rest), escalates to SIGKILL after ``STOP_TIMEOUT_S`` and then removes
 whatever the dead server left behind. Both are bounded and idempotent.
 """
@@ -17,7 +18,6 @@ import sys
 import time
 
 from client.paths import ensure_runtime_dir, log_file, state_file
-from client.status import query_status
 
 from . import shm
 from .procs import pid_alive
@@ -70,7 +70,7 @@ def start(serve_args: list[str], name: str, timeout_s: float) -> dict:
             raise BackgroundError(f"ringfeed server exited with code {code} during start-up; "
                                   f"log {log_path}:\n{_tail(log_path)}")
         state = read_state(name)
-        if state and state["pid"] == proc.pid and query_status(state["endpoint"], POLL_S * 5):
+        if state and state["pid"] == proc.pid:  # written once the workers are warm and the endpoint bound
             return {**state, "log": str(log_path)}
         time.sleep(POLL_S)
     proc.kill()

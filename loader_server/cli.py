@@ -81,7 +81,7 @@ def cmd_status(args) -> int:
     if endpoint is None:
         state = background.read_state(name)
         endpoint = state["endpoint"] if state else default_endpoint(name)
-    status = query_status(endpoint, args.timeout_s)
+    status = query_status(endpoint, args.timeout_s, args.curve_server_key, args.curve_secret_key)
     if args.json:
         print(json.dumps({"running": status is not None, "endpoint": endpoint, **(status or {})}))
     elif status is None:
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint")
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout-s", type=float, default=2.0)
+    p.add_argument("--curve-server-key", help="the server's public key file, for a CURVE server")
+    p.add_argument("--curve-secret-key", help="an authorised client's secret key file")
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("cleanup", help="remove shared memory left by servers that died")
     p.set_defaults(fn=cmd_cleanup)

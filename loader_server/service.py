@@ -55,6 +55,12 @@ def _ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
 
+def _exposed(endpoint: str) -> bool:
+    """A TCP endpoint reachable from other hosts (anything but loopback)."""
+    host = endpoint[len("tcp://"):].rpartition(":")[0] if endpoint.startswith("tcp://") else "127.0.0.1"
+    return host not in ("127.0.0.1", "localhost", "[::1]")
+
+
 def prepare_source(config: Config, token: str) -> tuple[sources.SourceRef, list[str]]:
     """Open and validate ``config.data``; return how workers find it and the segments to unlink."""
     if config.data is None:
@@ -129,6 +135,9 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
 
         def ready():
             frontend.bind(config.endpoint)
+            if _exposed(config.endpoint) and not config.curve_secret_key:
+                log.warning("listening on %s without CURVE: anyone who reaches this port can read the "
+                            "batches (see ringfeed keys)", config.endpoint)
             ipc = _ipc_path(config.endpoint)
             if ipc is not None:
                 ipc.chmod(0o600)

@@ -299,6 +299,8 @@ def test_curve_refuses_clients_without_the_right_key(name, tmp_path):
         with Feed(endpoint, timeout_s=60, curve_server_key=keys["server_public"],
                   curve_secret_key=keys["client_secret"]) as feed:
             assert next(feed.generator())[0].shape == (4, 8, 8, 3)
+        assert query_status(endpoint, 5, keys["server_public"], keys["client_secret"])["workers"] == 1
+        assert query_status(endpoint, 1) is None
         with pytest.raises(RingfeedError, match="refused this client's CURVE handshake"):
             Feed(endpoint, timeout_s=5, curve_server_key=keys["server_public"])  # a key it does not know
         with pytest.raises(RingfeedError):
