@@ -186,10 +186,10 @@ class Feed:
     def close(self) -> None:
         """Leave the stream. Arrays already handed out stay valid: their slots are returned
         (by the heartbeat thread) when they die, and only then does the feed say BYE."""
-        if self._closed:
-            return
-        self._closed = True
-        with self._lock:
+        with self._lock:  # the heartbeat thread closes the socket once _closed is set
+            if self._closed:
+                return
+            self._closed = True
             self._released.extend(msg.slot for msg, data in self._inbox if data is None)
             self._inbox.clear()
             self._flush()

@@ -38,6 +38,7 @@ from .streams import ClientState, Job
 log = logging.getLogger("ringfeed.broker")
 
 TICK_S = 0.1
+TRANSIT_POLL_S = 0.0005
 WORKER_INFLIGHT = 3
 RATE_WINDOW_S = 5.0
 CLIENT_TIMEOUT_FACTOR = 1.5
@@ -103,7 +104,8 @@ class Broker:
         poller, sentinels = self._poller()
         next_housekeeping = 0.0
         while not should_stop():
-            events = dict(poller.poll(TICK_S * 1000))
+            # Trackers have no fd: while batches are on the wire, look at them often.
+            events = dict(poller.poll(TRANSIT_POLL_S * 1000 if self.in_transit else TICK_S * 1000))
             if self.backend in events:
                 self._drain(self.backend, self._on_worker_message)
             if self.frontend in events:

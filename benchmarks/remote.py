@@ -1,0 +1,151 @@
+"""Remote delivery over loopback TCP: ringfeed's frames transport against raw pyzmq.
+
+The baseline is the wire itself: a sender process pushes one preallocated
+batch-sized buffer with ``copy=False`` as fast as ZeroMQ takes it, and this
+process receives it with ``copy=False`` and wraps it in numpy, as the client
+does. Against it, in the same run and round-robin: one ringfeed server sending
+its slots as frames, three servers on three loopback ports fanned into one
+client, and, for reference, the zero-copy shm path. Reported: median MB/s of
+delivered x bytes and samples/s; the Scale-out issue's target is ringfeed TCP
+>= 0.8x raw pyzmq.
+
+    .venv/bin/python benchmarks/remote.py [--quick] [--rounds N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+from contextlib import ExitStack
+
+import numpy as np
+
+import benchlib
+from benchlib import AUGMENT, BATCH, CROP, IMAGE, SEED, log
+
+TARGET_RATIO = 0.8
+RECV_TIMEOUT_MS = 10_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raw_sender(endpoint: str, nbytes: int, stop) -> None:
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 8)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDTIMEO, 500)
+    sock.bind(endpoint)
+    payload = np.ones(nbytes, np.uint8)
+    while not stop.is_set():
+        try:
+            sock.send(payload, copy=False)
+        except zmq.Again:
+            continue
+    sock.close(0)
+
+
+class RawZmq:
+    name = "raw pyzmq tcp"
+
+    def __init__(self, nbytes: int):
+        import zmq
+
+        self.nbytes, self.batch_bytes = nbytes, nbytes
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        ctx = mp.get_context("spawn")
+        self._stop = ctx.Event()
+        self._proc = ctx.Process(target=raw_sender, args=(endpoint, nbytes, self._stop), daemon=True)
+        self._proc.start()
+        self._sock = zmq.Context.instance().socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, 8)
+        self._sock.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
+        self._sock.connect(endpoint)
+
+    def pull(self) -> None:
+        frame = self._sock.recv(copy=False)
+        np.frombuffer(frame, np.uint8)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._sock.close(0)
+
+
+class RingfeedRoute:
+    def __init__(self, name: str, endpoints, transport: str, batch_bytes: int):
+        from client import Feed
+
+        self.name, self.batch_bytes = name, batch_bytes
+        self.feed = Feed(endpoints, transport=transport, timeout_s=30)
+        self._gen = self.feed.generator()
+
+    def pull(self) -> None:
+        next(self._gen)
+
+    def stop(self) -> None:
+        benchlib.close_feed(self.feed)
+
+
+def main() -> None:
+    p = benchlib.parser(__doc__.split("\n\n")[0], rounds=5, quick_rounds=2)
+    p.add_argument("--seconds", type=float, help="timed seconds per contender per round (default 4, 0.5 quick)")
+    args = benchlib.parse(p)
+    seconds = args.seconds or (0.5 if args.quick else 4.0)
+    warmup = 3 if args.quick else 10
+    samples = 2048 if args.quick else 20000
+
+    from loader_server import Config, Service
+
+    features, labels = benchlib.make_images(samples)
+    batch_bytes = BATCH * CROP[0] * CROP[1] * IMAGE[2] * 4
+    result = benchlib.header("remote", args, samples=samples, batch_size=BATCH, batch_bytes=batch_bytes,
+                             augment=AUGMENT, seconds_per_round=seconds, targets={"tcp_vs_raw": TARGET_RATIO})
+    with ExitStack() as stack:
+        def service(tag: str, workers: int, tcp: bool):
+            endpoint = f"tcp://127.0.0.1:{free_port()}" if tcp else None
+            config = Config(batch_size=BATCH, workers=workers, seed=SEED, augment=AUGMENT, endpoint=endpoint,
+                            name=benchlib.service_name("remote", tag))
+            return stack.enter_context(Service(config, features=features, labels=labels))
+
+        log("starting services: one on tcp with 2 workers, three on tcp with 1 worker each")
+        single = service("single", 2, tcp=True)
+        trio = [service(f"trio{k}", 1, tcp=True) for k in range(3)]
+        routes = [RawZmq(batch_bytes),
+                  RingfeedRoute("ringfeed tcp frames", single.endpoint, "frames", batch_bytes),
+                  RingfeedRoute("ringfeed shm (same server)", single.endpoint, "shm", batch_bytes),
+                  RingfeedRoute("ringfeed 3 servers fan-in", [s.endpoint for s in trio], "frames", batch_bytes)]
+        for route in routes:
+            stack.callback(route.stop)
+        rounds = {route.name: [] for route in routes}
+        for r in range(args.rounds):
+            shift = r % len(routes)
+            for route in routes[shift:] + routes[:shift]:
+                calls, elapsed = benchlib.timed(route.pull, seconds, warmup)
+                mb_s = calls * route.batch_bytes / elapsed / 1e6
+                rounds[route.name].append(mb_s)
+                log(f"[round {r + 1}/{args.rounds}] {route.name:<28} {mb_s:>8,.0f} MB/s")
+
+    raw = benchlib.median(rounds[RawZmq.name])
+    rows = []
+    for name, values in rounds.items():
+        mb_s = benchlib.median(values)
+        rows.append({"name": name, "rounds_mb_per_s": values, "median_mb_per_s": mb_s,
+                     "median_samples_per_s": mb_s * 1e6 / batch_bytes * BATCH if name != RawZmq.name else None,
+                     "ratio_to_raw_pyzmq": benchlib.ratio(mb_s, raw)})
+    result["contenders"] = rows
+    benchlib.write_json(args.out / "remote.json", result)
+    print(f"{'contender':<30}{'MB/s':>10}{'vs raw':>9}")
+    for row in rows:
+        print(f"{row['name']:<30}{row['median_mb_per_s']:>10,.0f}{row['ratio_to_raw_pyzmq']:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
