@@ -158,6 +158,9 @@ class Feed:
                     self._check_alive()
                 self.stats["wait_s"] += time.perf_counter() - waited_from
             msg, data = self._inbox.popleft()
+            if isinstance(msg, RemoteWorkerError):
+                self._next += 1  # the failed batch's place; the stream goes on after it
+                raise msg
             self.last_batch = (msg.epoch, msg.index)
             if data is not None:
                 batch = frame_arrays(self._layout, *data)
@@ -190,7 +193,8 @@ class Feed:
             if self._closed:
                 return
             self._closed = True
-            self._released.extend(msg.slot for msg, data in self._inbox if data is None)
+            self._released.extend(msg.slot for msg, data in self._inbox
+                                  if data is None and not isinstance(msg, RemoteWorkerError))
             self._inbox.clear()
             self._flush()
 
@@ -337,8 +341,12 @@ class Feed:
                 self._inbox.append((msg, data))
         elif command == protocol.ERROR:
             details = protocol.parse_error(frames)
-            self._failure = (RemoteWorkerError(details) if details["kind"] != "ProtocolError"
-                             else RingfeedError(f"server refused a message: {details['message']}"))
+            if details["kind"] == "ProtocolError":
+                self._failure = RingfeedError(f"server refused a message: {details['message']}")
+            elif "index" in details:  # a failed batch, in its place in the stream
+                self._inbox.append((RemoteWorkerError(details), None))
+            else:
+                self._failure = RemoteWorkerError(details)
         elif command != protocol.PING:
             self._failure = RingfeedError(f"unexpected message {command[:32]!r} from the server")
 

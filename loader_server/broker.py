@@ -198,11 +198,11 @@ class Broker:
         client = self.clients.get(slot.client)
         self._free(slot_id)
         if client is not None:
-            client.unassign(slot.seq)
-            self._send_client(client.identity, protocol.error(
+            client.ready[slot.seq] = protocol.error(
                 details["kind"], details["message"], traceback=details.get("traceback"),
                 epoch=slot.epoch, index=slot.index, sample=details.get("sample"),
-                position=details.get("position"), worker_pid=details.get("worker_pid")))
+                position=details.get("position"), worker_pid=details.get("worker_pid"))
+            self._deliver(client)
 
     def _on_worker_exit(self, worker_id: int) -> None:
         state = self.workers[worker_id]
@@ -233,11 +233,11 @@ class Broker:
             self.retask.remove(task)
             self.deaths.pop(task)
             client = self.clients[task.client]
-            client.unassign(task.seq)
             epoch, index = client.job.position(task.seq)
-            self._send_client(task.client, protocol.error(
+            client.ready[task.seq] = protocol.error(
                 "WorkerCrash", f"batch (epoch {epoch}, index {index}) killed {MAX_DEATHS_PER_BATCH} "
-                f"workers; the last exited with code {exit_code}", epoch=epoch, index=index))
+                f"workers; the last exited with code {exit_code}", epoch=epoch, index=index)
+            self._deliver(client)
 
     # -- clients ---------------------------------------------------------
 
@@ -307,7 +307,7 @@ class Broker:
         elif job.name is not None:
             del self.jobs[job.name]
         self.leased -= len(client.leased)
-        for slot_id in list(client.leased) + list(client.ready.values()):
+        for slot_id in [*client.leased, *(v for v in client.ready.values() if isinstance(v, int))]:
             self._free(slot_id)
         self.retask = deque(t for t in self.retask if t.client != client.identity)
 
@@ -374,6 +374,9 @@ class Broker:
     def _deliver(self, client: ClientState) -> None:
         while (seq := client.next_deliverable(self.config.ordered)) is not None:
             slot_id = client.delivered(seq)
+            if not isinstance(slot_id, int):  # the batch failed: its error takes its place
+                self._send_client(client.identity, slot_id)
+                continue
             slot = self.slots[slot_id]
             slot.state = SlotState.LEASED
             header = BatchMsg(slot_id, 0, slot.epoch, slot.index, seq)

@@ -7,7 +7,8 @@ cursor, so each batch goes to exactly one of them. A client without a job name
 has a private one.
 
 Each ``ClientState`` keeps the seqs assigned to it in a heap and delivers them
-in order (or as they finish when unordered); seqs a departing client never
+in order (or as they finish when unordered); a batch that failed is delivered
+as its error, at its place in the stream. Seqs a departing client never
 received go back to its job, to be recomputed for another member.
 """
 
@@ -55,7 +56,7 @@ class ClientState:
     frames: bool = False  # batch bytes travel in the message (no shared memory)
     started: bool = False  # MODE received
     assigned: list = field(default_factory=list)  # heap of seqs being made for it, not yet delivered
-    ready: dict = field(default_factory=dict)  # seq -> READY slot
+    ready: dict = field(default_factory=dict)  # seq -> READY slot, or the ERROR frames that replace it
     leased: set = field(default_factory=set)  # slots delivered zero-copy, not yet released
 
     @property
@@ -74,11 +75,13 @@ class ClientState:
             return self.assigned[0] if self.assigned and self.assigned[0] in self.ready else None
         return next(iter(self.ready), None)
 
-    def delivered(self, seq: int) -> int:
-        """Take ``seq`` off the ready and assigned lists; return its slot."""
+    def delivered(self, seq: int):
+        """Take ``seq`` off the ready and assigned lists; return its slot, or its error's frames."""
         if self.assigned[0] == seq:
             heapq.heappop(self.assigned)
         else:
             self.unassign(seq)
-        self.credit -= 1
-        return self.ready.pop(seq)
+        outcome = self.ready.pop(seq)
+        if isinstance(outcome, int):  # an error uses no credit: the client gets no batch for it
+            self.credit -= 1
+        return outcome

@@ -120,6 +120,9 @@ def test_on_error_raise_names_the_sample(name):
         take(feed, 2)
         with pytest.raises(RingfeedError) as err:
             take(feed, 1)
+        take(feed, 1)  # the error took batch (0, 2)'s place; the stream goes on after it
+        assert feed.last_batch == (0, 3)
+    assert (err.value.epoch, err.value.index) == (0, 2)
     assert err.value.sample == poisoned and "ValueError" in str(err.value)
     assert "explode" in err.value.traceback  # the worker's own traceback, through the user op
 
