@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .feed import DEFAULT_TIMEOUT_S, Feed, RingfeedError
+from .feed import DEFAULT_TIMEOUT_S, BatchStream, Feed, RingfeedError
 
 log = logging.getLogger("ringfeed.fanin")
 
@@ -22,7 +22,7 @@ REJOIN_S = 2.0
 REJOIN_TIMEOUT_S = 0.5
 
 
-class FanInFeed:
+class FanInFeed(BatchStream):
     def __init__(self, endpoints: list[str], *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  start: tuple[int, int] = (0, 0), **options):
         if not endpoints or not all(isinstance(e, str) for e in endpoints):
@@ -105,22 +105,7 @@ class FanInFeed:
         self._feeds[shard] = feed
         return feed
 
-    def generator(self):
-        while True:
-            yield self.next_batch()
-
-    def as_tf_dataset(self, prefetch: int = 2):
-        from .tf_adapter import as_tf_dataset
-
-        return as_tf_dataset(self, prefetch)
-
     def close(self) -> None:
         for feed in self._feeds:
             if feed is not None:
                 feed.close()
-
-    def __enter__(self) -> "FanInFeed":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

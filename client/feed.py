@@ -78,7 +78,28 @@ class FeedSpec:
     samples: int
 
 
-class Feed:
+class BatchStream:
+    """What every feed builds on its own ``next_batch`` and ``close``: a generator, tf.data, ``with``."""
+
+    def generator(self):
+        """An infinite generator of ``(x, y)`` batches, for ``model.fit``."""
+        while True:
+            yield self.next_batch()
+
+    def as_tf_dataset(self, prefetch: int = 2):
+        """A prefetching ``tf.data.Dataset`` whose ``element_spec`` is known without peeking."""
+        from .tf_adapter import as_tf_dataset
+
+        return as_tf_dataset(self, prefetch)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Feed(BatchStream):
     """Batches from a ringfeed server, as numpy arrays that alias shared memory.
 
     ``Feed(endpoint=None, timeout_s=5.0)``: ``None`` means the local service
@@ -175,17 +196,6 @@ class Feed:
             self.stats["batches"] += 1
             return batch
 
-    def generator(self):
-        """An infinite generator of ``(x, y)`` batches, for ``model.fit``."""
-        while True:
-            yield self.next_batch()
-
-    def as_tf_dataset(self, prefetch: int = 2):
-        """A prefetching ``tf.data.Dataset`` whose ``element_spec`` is known without peeking."""
-        from .tf_adapter import as_tf_dataset
-
-        return as_tf_dataset(self, prefetch)
-
     def close(self) -> None:
         """Leave the stream. Arrays already handed out stay valid: their slots are returned
         (by the heartbeat thread) when they die, and only then does the feed say BYE."""
@@ -197,12 +207,6 @@ class Feed:
                                   if data is None and not isinstance(msg, RemoteWorkerError))
             self._inbox.clear()
             self._flush()
-
-    def __enter__(self) -> "Feed":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- connection (callers hold self._lock, except during __init__) -------
 

@@ -40,5 +40,30 @@ def rgb_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
+def take(feed, n):
+    """The next ``n`` batches of ``feed``, copied out."""
+    gen = feed.generator()
+    return [(x.copy(), y.copy()) for x, y in (next(gen) for _ in range(n))]
+
+
+def expected_batches(config, images, labels, n):
+    """The first ``n`` batches a server with ``config`` must deliver, recomputed in this process."""
+    from loader_server.batches import BatchMaker
+    from loader_server.sources import publish
+
+    segment = f"ringfeed-{os.getpid()}-{uuid.uuid4().hex[:8]}-data"
+    try:
+        maker = BatchMaker(config, publish(images, labels, segment))
+        out = []
+        for seq in range(n):
+            x = np.empty((config.batch_size, *maker.pipeline.out_shape), maker.pipeline.out_dtype)
+            y = np.empty((config.batch_size, *labels.shape[1:]), labels.dtype)
+            maker.make(*divmod(seq, maker.sampler.steps_per_epoch), x, y)
+            out.append((x, y))
+        return out
+    finally:
+        os.unlink(f"/dev/shm/{segment}")
+
+
 def ringfeed_segments() -> set[str]:
     return {f for f in os.listdir("/dev/shm") if f.startswith("ringfeed-")}

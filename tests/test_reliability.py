@@ -13,41 +13,17 @@ import time
 import numpy as np
 import pytest
 import zmq
-from conftest import rgb_images, ringfeed_segments
+from conftest import expected_batches, rgb_images, ringfeed_segments, take
 
 from client import Feed, RingfeedError, ServerGoneError, protocol
 from client.status import query_status
 from loader_server import Config, ConfigError, Service
 from loader_server.auth import generate_keys
-from loader_server.batches import BatchMaker
 from loader_server.procs import pid_alive
 from loader_server.sampler import Sampler
-from loader_server.sources import publish
 
 
 SMALL = ({"op": "random_crop", "size": 12}, {"op": "flip_lr"}, {"op": "normalize", "mean": 0.5, "std": 0.25})
-
-
-def take(feed, n):
-    gen = feed.generator()
-    return [(x.copy(), y.copy()) for x, y in (next(gen) for _ in range(n))]
-
-
-def expected_batches(config, images, labels, n):
-    """The batches a server must deliver, recomputed in this process."""
-    segment = f"ringfeed-{os.getpid()}-0e0e0e0e-data"
-    try:
-        maker = BatchMaker(config, publish(images, labels, segment))
-        out = []
-        for seq in range(n):
-            epoch, index = divmod(seq, maker.sampler.steps_per_epoch)
-            x = np.empty((config.batch_size, *maker.pipeline.out_shape), maker.pipeline.out_dtype)
-            y = np.empty(config.batch_size, labels.dtype)
-            maker.make(epoch, index, x, y)
-            out.append((x, y))
-        return out
-    finally:
-        os.unlink(f"/dev/shm/{segment}")
 
 
 def test_workers_killed_every_200ms_lose_and_duplicate_nothing(name):

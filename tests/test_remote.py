@@ -6,13 +6,11 @@ import socket
 
 import numpy as np
 import pytest
-from conftest import rgb_images
+from conftest import expected_batches, rgb_images, take
 
 from client import Feed
 from client.fanin import FanInFeed
 from loader_server import Config, Service
-from loader_server.batches import BatchMaker
-from loader_server.sources import publish
 
 AUG = ({"op": "random_crop", "size": 12}, {"op": "flip_lr"}, {"op": "normalize", "mean": 0.5, "std": 0.25})
 
@@ -21,11 +19,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def take(feed, n):
-    gen = feed.generator()
-    return [(x.copy(), y.copy()) for x, y in (next(gen) for _ in range(n))]
 
 
 def test_tcp_frames_match_the_zero_copy_path_and_train(name):
@@ -47,21 +40,6 @@ def test_tcp_frames_match_the_zero_copy_path_and_train(name):
             history = model.fit(feed.generator(), steps_per_epoch=feed.steps_per_epoch, epochs=2, verbose=0,
                                 shuffle=False)
         assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
-
-
-def _expected(config, images, labels, n):
-    segment = f"ringfeed-{os.getpid()}-0f0f0f0f-data"
-    try:
-        maker = BatchMaker(config, publish(images, labels, segment))
-        out = []
-        for seq in range(n):
-            y = np.empty(config.batch_size, labels.dtype)
-            x = np.empty((config.batch_size, *maker.pipeline.out_shape), maker.pipeline.out_dtype)
-            maker.make(*divmod(seq, maker.sampler.steps_per_epoch), x, y)
-            out.append((x, y))
-        return out
-    finally:
-        os.unlink(f"/dev/shm/{segment}")
 
 
 def _three_servers(name, images, labels):
@@ -86,7 +64,7 @@ def test_three_servers_fan_in_every_sample_once_per_epoch(name):
     for epoch in range(2):
         ids = np.concatenate([y for _, y in got[epoch * 30:(epoch + 1) * 30]])
         assert len(ids) == 480 and len(np.unique(ids)) == 480
-    expected = _expected(services[0].config, images, labels, 60)
+    expected = expected_batches(services[0].config, images, labels, 60)
     for (x, y), (ex, ey) in zip(got, expected):  # the very stream one server would give
         assert x.tobytes() == ex.tobytes() and np.array_equal(y, ey)
 
@@ -130,4 +108,4 @@ def test_two_clients_of_one_job_split_the_epoch(name):
     epoch0 = [y for part in got.values() for (epoch, _), y in part.items() if epoch == 0]
     ids = np.concatenate(epoch0)
     assert len(epoch0) == 40 and len(np.unique(ids)) == len(ids) == 640
-    assert np.array_equal(first_other, _expected(config, images, labels, 1)[0][1])  # a new job: its own stream
+    assert np.array_equal(first_other, expected_batches(config, images, labels, 1)[0][1])  # a new job: its own stream
