@@ -97,6 +97,9 @@ class RingfeedRoute:
 def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0], rounds=5, quick_rounds=2)
     p.add_argument("--seconds", type=float, help="timed seconds per contender per round (default 4, 0.5 quick)")
+    p.add_argument("--workload", choices=("augment", "gather"), default="augment",
+                   help="augment: the standard crop/flip/normalize workload; gather: float32 samples already "
+                        "56x56x3 and no augmentation, so workers only gather and the transport sets the rate")
     args = benchlib.parse(p)
     seconds = args.seconds or (0.5 if args.quick else 4.0)
     warmup = 3 if args.quick else 10
@@ -105,13 +108,19 @@ def main() -> None:
     from loader_server import Config, Service
 
     features, labels = benchlib.make_images(samples)
+    augment = AUGMENT
+    if args.workload == "gather":
+        samples = min(samples, 2048)
+        features = np.random.default_rng(SEED).random((samples, *CROP, IMAGE[2]), dtype=np.float32)
+        labels, augment = labels[:samples], []
     batch_bytes = BATCH * CROP[0] * CROP[1] * IMAGE[2] * 4
-    result = benchlib.header("remote", args, samples=samples, batch_size=BATCH, batch_bytes=batch_bytes,
-                             augment=AUGMENT, seconds_per_round=seconds, targets={"tcp_vs_raw": TARGET_RATIO})
+    result = benchlib.header("remote", args, workload=args.workload, samples=samples, batch_size=BATCH,
+                             batch_bytes=batch_bytes, augment=augment, seconds_per_round=seconds,
+                             targets={"tcp_vs_raw": TARGET_RATIO})
     with ExitStack() as stack:
         def service(tag: str, workers: int, tcp: bool):
             endpoint = f"tcp://127.0.0.1:{free_port()}" if tcp else None
-            config = Config(batch_size=BATCH, workers=workers, seed=SEED, augment=AUGMENT, endpoint=endpoint,
+            config = Config(batch_size=BATCH, workers=workers, seed=SEED, augment=augment, endpoint=endpoint,
                             name=benchlib.service_name("remote", tag))
             return stack.enter_context(Service(config, features=features, labels=labels))
 
@@ -141,7 +150,7 @@ def main() -> None:
                      "median_samples_per_s": mb_s * 1e6 / batch_bytes * BATCH if name != RawZmq.name else None,
                      "ratio_to_raw_pyzmq": benchlib.ratio(mb_s, raw)})
     result["contenders"] = rows
-    benchlib.write_json(args.out / "remote.json", result)
+    benchlib.write_json(args.out / f"remote-{args.workload}.json", result)
     print(f"{'contender':<30}{'MB/s':>10}{'vs raw':>9}")
     for row in rows:
         print(f"{row['name']:<30}{row['median_mb_per_s']:>10,.0f}{row['ratio_to_raw_pyzmq']:>9.2f}")

@@ -1,0 +1,278 @@
+"""What the benchmark scripts share: the workload, timing, machine facts and output.
+
+Imports nothing heavier than numpy at module level: ringfeed's server and its
+workers are *spawned*, so every child re-imports the script that started it,
+and this module with it. TensorFlow, Keras and PyTorch are imported inside
+the functions that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+# The Benchmarks issue's workload: 64x64x3 uint8 images, random 56x56 crop,
+# random horizontal flip, then (x/255 - mean)/std to float32, batch 256.
+IMAGE = (64, 64, 3)
+CROP = (56, 56)
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+AUGMENT = [{"op": "random_crop", "size": list(CROP)}, {"op": "flip_lr"},
+           {"op": "normalize", "mean": MEAN.tolist(), "std": STD.tolist()}]
+BATCH = 256
+CLASSES = 10
+SEED = 0
+STARTED = time.monotonic()  # the script's start: its JSON records how long the whole run took
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- arguments and names ------------------------------------------------------
+
+def parser(description: str, rounds: int, quick_rounds: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true",
+                   help=f"a smoke run in under a minute: smaller data, {quick_rounds} short rounds")
+    p.add_argument("--rounds", type=int, help=f"interleaved rounds (default {rounds}, {quick_rounds} with --quick)")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the results (default {RESULTS})")
+    p.set_defaults(default_rounds=rounds, default_quick_rounds=quick_rounds)
+    return p
+
+
+def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
+    args = p.parse_args()
+    if args.rounds is None:
+        args.rounds = args.default_quick_rounds if args.quick else args.default_rounds
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def worker_counts() -> list[int]:
+    """1, 2, 4, ... up to the number of cores, and the number of cores itself."""
+    cores = os.cpu_count() or 1
+    counts, n = {cores}, 1
+    while n < cores:
+        counts.add(n)
+        n *= 2
+    return sorted(counts)
+
+
+def service_name(bench: str, tag: str) -> str:
+    """Unique per process, so concurrent benchmark runs and tests never share a service."""
+    return f"bench-{bench}-{os.getpid()}-{tag}"
+
+
+# -- the workload -------------------------------------------------------------
+
+def make_images(n: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (n, *IMAGE), dtype=np.uint8),
+            rng.integers(0, CLASSES, n, dtype=np.int64))
+
+
+def augment_sample(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One sample, the way a hand-written Keras generator does it: numpy, in Python."""
+    top = rng.integers(0, image.shape[0] - CROP[0] + 1)
+    left = rng.integers(0, image.shape[1] - CROP[1] + 1)
+    crop = image[top:top + CROP[0], left:left + CROP[1]]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return (crop.astype(np.float32) / np.float32(255.0) - MEAN) / STD
+
+
+def classic_batch(features, labels, rng: np.random.Generator, batch_size: int = BATCH):
+    """Random indices, then one sample at a time (the Keras ``fit_generator`` recipe)."""
+    idx = rng.integers(0, len(features), batch_size)
+    x = np.empty((batch_size, *CROP, IMAGE[2]), np.float32)
+    for k, i in enumerate(idx):
+        x[k] = augment_sample(features[i], rng)
+    return x, labels[idx]
+
+
+def classic_generator(features, labels, seed: int = SEED, batch_size: int = BATCH):
+    rng = np.random.default_rng(seed)
+    while True:
+        yield classic_batch(features, labels, rng, batch_size)
+
+
+def tf_pipeline(features, labels, seed: int = SEED, batch_size: int = BATCH):
+    """from_tensor_slices -> shuffle -> map(AUTOTUNE) -> batch -> prefetch, as the tf.data guide says.
+
+    ``repeat`` follows the full-dataset shuffle so the stream never ends."""
+    import tensorflow as tf
+
+    mean, std = tf.constant(MEAN), tf.constant(STD)
+
+    def augment(image, label):
+        image = tf.image.random_crop(image, (*CROP, IMAGE[2]))
+        image = tf.image.random_flip_left_right(image)
+        return (tf.cast(image, tf.float32) / 255.0 - mean) / std, label
+
+    tf.random.set_seed(seed)
+    ds = tf.data.Dataset.from_tensor_slices((features, labels)).shuffle(len(features), seed=seed).repeat()
+    return ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=True) \
+             .prefetch(tf.data.AUTOTUNE)
+
+
+# -- measuring ----------------------------------------------------------------
+
+def timed(pull, seconds: float, warmup: int) -> tuple[int, float]:
+    """Call ``pull`` ``warmup`` times untimed, then until ``seconds`` have passed; (calls, seconds)."""
+    for _ in range(warmup):
+        pull()
+    calls, start = 0, time.perf_counter()
+    deadline = start + seconds
+    while True:
+        pull()
+        calls += 1
+        now = time.perf_counter()
+        if now >= deadline:
+            return calls, now - start
+
+
+def close_feed(feed) -> None:
+    """Close a feed at teardown, when the run's numbers are in hand: a socket error then (such as
+    ENOTSOCK from the close/heartbeat race that ringfeed had before 72d3453) is logged, so it
+    cannot cost the results."""
+    import zmq
+
+    try:
+        feed.close()
+    except zmq.ZMQError as exc:
+        log(f"warning: Feed.close() failed: {exc}")
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    return value / reference if value and reference else None
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process, from /proc (other processes' included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+def _tree_cpu_s(pid: int) -> float:
+    try:
+        return process_cpu_s(pid) + sum(_tree_cpu_s(child) for child in child_pids(pid))
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0  # exited between listing and reading
+
+
+def cpu_snapshot() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its descendants)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait; steal counts as busy: another VM had the core
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), _tree_cpu_s(os.getpid())
+
+
+def other_load(before: tuple[float, float], after: tuple[float, float], seconds: float) -> float:
+    """Share of the machine's cores that processes outside this benchmark kept busy: the machine
+    may be shared, and a round measured while others ran says less."""
+    busy, mine = after[0] - before[0], after[1] - before[1]
+    return max(0.0, (busy - mine) / (seconds * (os.cpu_count() or 1)))
+
+
+class OtherLoad:
+    """``with OtherLoad() as load: ...`` then ``load.share``: ``other_load`` over the block."""
+
+    def __enter__(self) -> "OtherLoad":
+        self._start, self._cpu = time.perf_counter(), cpu_snapshot()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.share = other_load(self._cpu, cpu_snapshot(), time.perf_counter() - self._start)
+
+
+# -- machine, versions, output ------------------------------------------------
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    ram_kib = 0
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            ram_kib = int(line.split()[1])
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram_kib / 2**20, 1),
+            "os": platform.platform(), "load_average": list(os.getloadavg())}
+
+
+def _version(*distributions: str) -> str | None:
+    for dist in distributions:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "numpy": _version("numpy"), "numba": _version("numba"),
+            "tensorflow": _version("tensorflow", "tensorflow-cpu"), "keras": _version("keras"),
+            "pyzmq": _version("pyzmq"), "torch": _version("torch"), "ringfeed": _version("ringfeed")}
+
+
+def ringfeed_source() -> dict:
+    """Which ringfeed code ran: the imported package's folder and its git commit, dirty or not."""
+    import loader_server
+
+    folder = Path(loader_server.__file__).resolve().parent.parent
+    info = {"path": str(folder), "commit": None, "dirty": None}
+    try:
+        git = ["git", "-C", str(folder)]
+        info["commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        info["dirty"] = bool(subprocess.run(git + ["status", "--porcelain", "--", "loader_server", "client"],
+                                            capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass  # not a git checkout: path alone says where the code came from
+    return info
+
+
+def header(bench: str, args: argparse.Namespace, **settings) -> dict:
+    return {"benchmark": bench, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]), "quick": args.quick,
+            "rounds": args.rounds, "settings": settings, "machine": machine_info(), "versions": versions(),
+            "ringfeed_source": ringfeed_source()}
+
+
+def write_json(path: Path, result: dict) -> None:
+    result["machine"]["load_average_end"] = list(os.getloadavg())
+    result["duration_s"] = round(time.monotonic() - STARTED, 1)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    log(f"wrote {path}")

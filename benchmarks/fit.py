@@ -1,0 +1,228 @@
+"""Keras ``model.fit`` end to end: training steps per second with each input pipeline.
+
+A small convnet, Conv2D(16, 3, strides=2) -> GlobalAveragePooling2D -> Dense(10),
+trains on the throughput workload's 56x56x3 float32 batches of 256, fed by
+each contender. The same model on one repeated in-memory batch is the ceiling:
+what the trainer does when data costs nothing.
+
+Each contender gets its own freshly initialised model (same seed), traced by an
+untimed fit first. Then rounds, round-robin: one ``model.fit`` per contender per
+round, timed by a callback from the end of step ``--warmup`` to the end of the
+last step, so start-up and Keras' peek at the first batches stay outside.
+
+Input stall: the share of that wall time the input reader spent waiting for a
+batch. For ringfeed it is ``feed.stats["wait_s"]`` (time blocked on the
+server); for the classic generator, the time inside its ``next()``, where the
+batch is computed. Keras pulls generators from a prefetching tf.data thread,
+so the trainer waits less than that once the reader keeps ahead. tf.data
+inputs are read inside the compiled train step, where no wait is visible from
+Python: for those only the ratio to the ceiling tells.
+
+    .venv/bin/python benchmarks/fit.py [--quick] [--rounds N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from contextlib import ExitStack
+
+import benchlib
+from benchlib import AUGMENT, BATCH, CLASSES, CROP, IMAGE, SEED, log
+
+
+class Input:
+    """One way of feeding model.fit. ``data(round)`` gives the fit input for a round and
+    ``waited()`` the reader's cumulative wait in seconds (None where it cannot be seen)."""
+
+    group = "peer"
+
+    def __init__(self, name: str, label: str, workers: int | None = None):
+        self.name, self.label, self.workers = name, label, workers
+        self.rounds: list[dict] = []
+
+    def data(self, round_: int):
+        raise NotImplementedError
+
+    def waited(self) -> float | None:
+        return None
+
+    def stop(self) -> None:
+        pass
+
+
+class Ceiling(Input):
+    def __init__(self, features, labels):
+        import numpy as np
+        import tensorflow as tf
+
+        super().__init__("ceiling", "model alone, one in-memory batch")
+        x, y = benchlib.classic_batch(features, labels, np.random.default_rng(SEED))
+        self.dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+
+    def data(self, round_: int):
+        return self.dataset
+
+
+class TfData(Input):
+    def __init__(self, features, labels):
+        super().__init__("tf.data", "tf.data map(AUTOTUNE)")
+        self.dataset = benchlib.tf_pipeline(features, labels)
+
+    def data(self, round_: int):
+        return self.dataset
+
+
+class Classic(Input):
+    def __init__(self, features, labels):
+        super().__init__("classic-generator", "classic Python generator")
+        self.features, self.labels = features, labels
+        self.clock = 0.0
+
+    def data(self, round_: int):
+        return self.timed(benchlib.classic_generator(self.features, self.labels, seed=SEED + round_))
+
+    def timed(self, gen):
+        while True:
+            start = time.perf_counter()
+            batch = next(gen)
+            self.clock += time.perf_counter() - start
+            yield batch
+
+    def waited(self) -> float:
+        return self.clock
+
+
+class RingfeedGenerator(Input):
+    """A feed of its own service, open for the whole run (an idle feed holds slots of its service)."""
+
+    group = "ringfeed"
+
+    def __init__(self, endpoint: str, workers: int):
+        from client import Feed
+
+        super().__init__(f"ringfeed-generator-w{workers}",
+                         f"ringfeed generator(), {workers} worker{'s' * (workers > 1)}", workers)
+        self.feed = Feed(endpoint)
+
+    def data(self, round_: int):
+        return self.feed.generator()
+
+    def waited(self) -> float:
+        return self.feed.stats["wait_s"]
+
+    def stop(self) -> None:
+        benchlib.close_feed(self.feed)
+
+
+class RingfeedTfDataset(RingfeedGenerator):
+    def __init__(self, endpoint: str, workers: int):
+        super().__init__(endpoint, workers)
+        self.name = f"ringfeed-tf-dataset-w{workers}"
+        self.label = f"ringfeed as_tf_dataset(), {workers} worker{'s' * (workers > 1)}"
+
+    def data(self, round_: int):
+        return self.feed.as_tf_dataset()
+
+
+def build_model():
+    import keras
+
+    keras.utils.set_random_seed(SEED)
+    model = keras.Sequential([
+        keras.Input((*CROP, IMAGE[2])),
+        keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(CLASSES),
+    ])
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def fit_once(model, source: Input, round_: int, warmup: int, steps: int) -> dict:
+    """One model.fit of warmup + steps; the timed window is the last ``steps`` steps."""
+    import keras
+
+    marks = {}
+
+    def on_batch_end(batch, logs=None):
+        if batch in (warmup - 1, warmup + steps - 1):
+            marks[batch] = (time.perf_counter(), source.waited(), benchlib.cpu_snapshot())
+
+    model.fit(source.data(round_), steps_per_epoch=warmup + steps, epochs=1, verbose=0, shuffle=False,
+              callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=on_batch_end)])
+    gc.collect()  # let the last fit's readers go before anyone is timed again
+    (t0, w0, cpu0), (t1, w1, cpu1) = marks[warmup - 1], marks[warmup + steps - 1]
+    return {"steps_per_s": steps / (t1 - t0), "seconds": t1 - t0, "steps": steps,
+            "stall_share": None if w0 is None else (w1 - w0) / (t1 - t0),
+            "other_load": benchlib.other_load(cpu0, cpu1, t1 - t0)}
+
+
+def summarize(inputs: list[Input]) -> list[dict]:
+    rows = []
+    for s in inputs:
+        stalls = [r["stall_share"] for r in s.rounds]
+        rows.append({"name": s.name, "label": s.label, "group": s.group, "workers": s.workers,
+                     "median_steps_per_s": benchlib.median(r["steps_per_s"] for r in s.rounds),
+                     "median_stall_share": None if None in stalls else benchlib.median(stalls),
+                     "rounds": s.rounds})
+    by_name = {r["name"]: r["median_steps_per_s"] for r in rows}
+    for row in rows:
+        row["ratio_to_ceiling"] = benchlib.ratio(row["median_steps_per_s"], by_name["ceiling"])
+        row["ratio_to_tf_data"] = benchlib.ratio(row["median_steps_per_s"], by_name["tf.data"])
+    return rows
+
+
+def main() -> None:
+    p = benchlib.parser(__doc__.split("\n\n")[0], rounds=5, quick_rounds=2)
+    p.add_argument("--steps", type=int, help="timed steps per fit (default 300, 15 quick)")
+    p.add_argument("--warmup", type=int, help="untimed steps at the start of each fit (default 10, 3 quick)")
+    p.add_argument("--samples", type=int, help="dataset size (default 20000, 2048 quick)")
+    args = benchlib.parse(p)
+    steps = args.steps or (15 if args.quick else 300)
+    warmup = args.warmup or (3 if args.quick else 10)
+    samples = args.samples or (2048 if args.quick else 20000)
+
+    from loader_server import Config, Service
+
+    features, labels = benchlib.make_images(samples)
+    result = benchlib.header("fit", args, samples=samples, batch_size=BATCH, steps=steps, warmup_steps=warmup,
+                             model="Conv2D(16, 3, strides=2, relu) -> GlobalAveragePooling2D -> Dense(10), adam",
+                             augment=AUGMENT)
+    with ExitStack() as stack:
+        inputs: list[Input] = [Ceiling(features, labels), TfData(features, labels), Classic(features, labels)]
+        for w in benchlib.worker_counts():
+            for kind in (RingfeedGenerator, RingfeedTfDataset):
+                log(f"starting a ringfeed service with {w} worker(s) for {kind.__name__}")
+                config = Config(batch_size=BATCH, workers=w, seed=SEED, augment=AUGMENT,
+                                name=benchlib.service_name("fit", f"{kind.__name__}-w{w}"))
+                svc = stack.enter_context(Service(config, features=features, labels=labels))
+                inputs.append(kind(svc.endpoint, w))
+                stack.callback(inputs[-1].stop)
+        models = {}
+        for s in inputs:
+            log(f"tracing the model on {s.label}")
+            models[s.name] = build_model()
+            fit_once(models[s.name], s, 0, warmup, 2)
+
+        for r in range(args.rounds):
+            shift = r % len(inputs)
+            for s in inputs[shift:] + inputs[:shift]:
+                s.rounds.append(fit_once(models[s.name], s, r + 1, warmup, steps))
+                stall = s.rounds[-1]["stall_share"]
+                log(f"[round {r + 1}/{args.rounds}] {s.name:<24} {s.rounds[-1]['steps_per_s']:>7.1f} steps/s"
+                    + ("" if stall is None else f", input stall {stall:.0%}")
+                    + f"  (other processes: {s.rounds[-1]['other_load']:.0%} of the cores)")
+
+    rows = summarize(inputs)
+    result["inputs"] = rows
+    benchlib.write_json(args.out / "fit.json", result)
+    print(f"{'input':<26}{'steps/s':>9}{'x ceiling':>11}{'x tf.data':>11}{'stall':>8}")
+    for row in rows:
+        stall = "-" if row["median_stall_share"] is None else f"{row['median_stall_share']:.0%}"
+        print(f"{row['name']:<26}{row['median_steps_per_s']:>9.1f}{row['ratio_to_ceiling']:>11.2f}"
+              f"{row['ratio_to_tf_data']:>11.2f}{stall:>8}")
+
+
+if __name__ == "__main__":
+    main()

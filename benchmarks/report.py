@@ -1,0 +1,162 @@
+"""Turn the benchmark results into the README's Results section (markdown).
+
+    .venv/bin/python benchmarks/report.py [--results DIR] [--write-readme [--readme PATH]]
+
+Prints the section; ``--write-readme`` puts it between ``<!-- results:start -->``
+and ``<!-- results:end -->`` in the README, leaving everything else as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def load(folder: Path, name: str) -> dict | None:
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def machine_line(result: dict) -> str:
+    m, v = result["machine"], result["versions"]
+    libs = ", ".join(f"{k} {v[k]}" for k in ("numpy", "numba", "tensorflow", "keras", "pyzmq", "torch") if v.get(k))
+    return f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']:g} GiB RAM, no GPU; Python {v['python']}, {libs}"
+
+
+def run_line(result: dict) -> str:
+    """Which ringfeed code ran, and when."""
+    src = result.get("ringfeed_source", {})
+    code = f"ringfeed {src['commit'][:10]}" if src.get("commit") else "ringfeed"
+    return f"{code}{' with local changes' if src.get('dirty') else ''}, {result['created'][:10]}"
+
+
+def num(value: float | None, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def times(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def other_load_line(rows: list[dict]) -> str:
+    """How busy the rest of the machine was during the timed rounds (older results lack it)."""
+    loads = sorted(r["other_load"] for row in rows for r in row["rounds"] if "other_load" in r)
+    if not loads:
+        return ""
+    return (f" Other processes kept {loads[len(loads) // 2]:.0%} of the cores busy in the median round "
+            f"(at most {loads[-1]:.0%}).")
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def throughput_section(result: dict, results: Path, readme_dir: Path) -> list[str]:
+    s = result["settings"]
+    lines = [f"**Loader throughput** (`benchmarks/throughput.py`): {s['samples']:,} × 64×64×3 uint8, random crop "
+             f"56, flip, normalize to float32, batch {s['batch_size']}; the consumer takes each batch and drops it. "
+             f"Median of {result['rounds']} interleaved rounds of {s['seconds_per_round']:g} s per loader "
+             f"({run_line(result)})."
+             + other_load_line(result["contenders"]), ""]
+    lines += table(["loader", "samples/s", "MB/s", "vs tf.data"],
+                   [[r["label"], num(r["median_samples_per_s"]), num(r["median_mb_per_s"]),
+                     times(r["ratio_to_tf_data"])] for r in result["contenders"]])
+    lines += ["", "The numba rows run ringfeed's own kernels in the consumer's process, with nothing delivered: "
+              "the compute limit of this machine. Keras PyDataset and the per-sample PyTorch DataLoader run the "
+              "classic generator's per-sample numpy code; the batch-level DataLoader runs ringfeed's kernels."]
+    for skipped in result.get("skipped", []):
+        lines.append(f"\n{skipped['name']} not measured: {skipped['reason']}.")
+    png = results / "throughput.png"
+    if png.exists():
+        lines += ["", f"![Loader throughput]({Path(os.path.relpath(png, readme_dir)).as_posix()})"]
+    return lines
+
+
+def fit_section(result: dict) -> list[str]:
+    s = result["settings"]
+    lines = [f"**Keras `model.fit`** (`benchmarks/fit.py`): {s['model']}, {s['steps']} timed steps of "
+             f"{s['batch_size']} per fit, median of {result['rounds']} rounds ({run_line(result)}). The ceiling is the model alone on "
+             "one in-memory batch. Input stall: share of the time the input reader waited for a batch "
+             "(ringfeed: `feed.stats[\"wait_s\"]`; classic generator: time inside its `next()`, where it "
+             "computes); tf.data is read inside the compiled step, where no wait is visible (–)."
+             + other_load_line(result["inputs"]), ""]
+    lines += table(["input", "steps/s", "vs ceiling", "vs tf.data", "input stall"],
+                   [[r["label"], num(r["median_steps_per_s"], 1), times(r["ratio_to_ceiling"]),
+                     times(r["ratio_to_tf_data"]), share(r["median_stall_share"])] for r in result["inputs"]])
+    return lines
+
+
+def delivery_section(result: dict) -> list[str]:
+    s, t = result["settings"], result["settings"]["targets"]
+    lines = [f"**Delivery overhead** (`benchmarks/delivery.py`): ({s['samples']:,}, {s['features']}) float32, "
+             f"no augmentation, batch {s['batch_size']}, so the path itself sets the rate; median of "
+             f"{result['rounds']} rounds ({run_line(result)}). Targets: ≥ {t['batches_per_s']:,} batches/s and ≤ "
+             f"{t['client_cpu_us_per_batch']:g} µs of client CPU per batch." + other_load_line(result["routes"]), ""]
+    lines += table(["route", "batches/s", "client CPU µs/batch", "broker CPU µs/batch", "workers CPU µs/batch",
+                    "targets"],
+                   [[r["label"], num(r["median_batches_per_s"]), num(r["median_client_cpu_us_per_batch"], 1),
+                     num(r["median_broker_cpu_us_per_batch"], 1), num(r["median_workers_cpu_us_per_batch"], 1),
+                     "met" if r["meets_targets"] else "missed"] for r in result["routes"]])
+    return lines
+
+
+def render(results: Path, readme_dir: Path) -> str:
+    loaded = {name: load(results, name) for name in ("throughput", "fit", "delivery")}
+    present = [r for r in loaded.values() if r]
+    if not present:
+        raise SystemExit(f"no results in {results}: run the benchmarks first")
+    machines = {machine_line(r) for r in present}
+    lines = [f"Measured on {' / '.join(sorted(machines))}. Every ratio compares loaders measured in the "
+             "same run; absolute numbers move with other load on the machine, so each part says how busy "
+             "other processes kept the cores."]
+    if any(r["quick"] for r in present):
+        lines.append("\n*Quick smoke-run numbers (`--quick`), not for comparison.*")
+    sections = {"throughput": lambda r: throughput_section(r, results, readme_dir), "fit": fit_section,
+                "delivery": delivery_section}
+    for name, result in loaded.items():
+        lines.append("")
+        lines += sections[name](result) if result else [f"({name}.json missing: run benchmarks/{name}.py)"]
+    lines += ["", "Reproduce (from the repository root; `--quick` runs each in under a minute):", "", "```sh"]
+    for name, result in loaded.items():
+        took = f"  # {result['duration_s'] / 60:.1f} min for the run above" if result else ""
+        lines.append(f".venv/bin/python benchmarks/{name}.py{took}")
+    lines += [".venv/bin/python benchmarks/report.py --write-readme", "```"]
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, section: str) -> None:
+    text = readme.read_text()
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{readme} has no {START} ... {END} block to replace")
+    readme.write_text(text[:start + len(START)] + "\n" + section + "\n" + text[end:])
+    print(f"updated the results block of {readme}", file=sys.stderr)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
+                   help="folder with throughput.json, fit.json, delivery.json (default benchmarks/results)")
+    p.add_argument("--write-readme", action="store_true", help="replace the README's results block")
+    p.add_argument("--readme", type=Path, default=REPO / "README.md", help="README to update (default README.md)")
+    args = p.parse_args()
+    section = render(args.results.resolve(), args.readme.resolve().parent)
+    if args.write_readme:
+        write_readme(args.readme, section)
+    else:
+        print(section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The benchmark scripts run end to end (``--quick``) and write complete, positive results.
+
+Each script runs once per module, as a subprocess from the repository root,
+writing into a temporary folder so the committed results stay as they are.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("keras")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_ROUNDS = 2
+CORES = os.cpu_count() or 1
+
+
+def worker_counts() -> list[int]:
+    return sorted({CORES} | {2 ** k for k in range(CORES.bit_length()) if 2 ** k < CORES})
+
+
+def run_script(name: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+def quick_run(script: str, out: Path) -> dict:
+    run_script(f"{script}.py", out, "--quick", "--out", str(out))
+    result = json.loads((out / f"{script}.json").read_text())
+    assert result["quick"] is True and result["rounds"] == QUICK_ROUNDS
+    assert result["machine"]["cores"] == CORES and result["versions"]["numba"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def throughput(out) -> dict:
+    return quick_run("throughput", out)
+
+
+@pytest.fixture(scope="module")
+def fit(out) -> dict:
+    return quick_run("fit", out)
+
+
+@pytest.fixture(scope="module")
+def delivery(out) -> dict:
+    return quick_run("delivery", out)
+
+
+def ringfeed_names(*kinds: str) -> set[str]:
+    return {f"ringfeed-{kind}-w{w}" for kind in kinds for w in worker_counts()}
+
+
+def test_throughput_measures_every_contender(throughput, out):
+    torch_names = {"torch-per-sample", "torch-numba-batch"}
+    expected = {"classic-generator", "numba-1-thread", "numba-all-cores", "tf.data", "keras-pydataset"} \
+        | ringfeed_names("generator", "tf-dataset")
+    measured = {row["name"]: row for row in throughput["contenders"]}
+    skipped = {row["name"] for row in throughput["skipped"]}
+    if importlib.util.find_spec("torch") is None:
+        assert skipped == torch_names and not torch_names & set(measured)
+    else:
+        expected |= torch_names
+        assert not skipped
+    assert set(measured) == expected
+    for row in measured.values():
+        assert row["median_samples_per_s"] > 0 and row["median_mb_per_s"] > 0 and row["ratio_to_tf_data"] > 0
+        assert len(row["rounds"]) == QUICK_ROUNDS
+        assert all(r["samples_per_s"] > 0 and r["batches"] > 0 for r in row["rounds"])
+    assert measured["tf.data"]["ratio_to_tf_data"] == pytest.approx(1.0)
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_measures_every_input(fit):
+    expected = {"ceiling", "tf.data", "classic-generator"} | ringfeed_names("generator", "tf-dataset")
+    rows = {row["name"]: row for row in fit["inputs"]}
+    assert set(rows) == expected
+    for row in rows.values():
+        assert row["median_steps_per_s"] > 0 and row["ratio_to_ceiling"] > 0 and row["ratio_to_tf_data"] > 0
+        assert len(row["rounds"]) == QUICK_ROUNDS
+    for name in expected - {"ceiling", "tf.data"}:  # generator and feed readers are timed
+        assert 0 <= rows[name]["median_stall_share"] <= 1
+    assert rows["tf.data"]["median_stall_share"] is None
+
+
+def test_delivery_measures_every_route(delivery):
+    rows = {row["name"]: row for row in delivery["routes"]}
+    assert set(rows) == {f"{how}-w{w}" for how in ("next_batch", "generator") for w in worker_counts()}
+    for row in rows.values():
+        assert row["median_batches_per_s"] > 0 and row["median_client_cpu_us_per_batch"] > 0
+        assert row["median_broker_cpu_us_per_batch"] >= 0 and row["median_workers_cpu_us_per_batch"] >= 0
+        assert isinstance(row["meets_targets"], bool) and len(row["rounds"]) == QUICK_ROUNDS
+
+
+def test_report_renders_and_replaces_only_the_results_block(throughput, fit, delivery, out):
+    printed = run_script("report.py", out, "--results", str(out)).stdout
+    assert "tf.data map(AUTOTUNE)" in printed and "steps/s" in printed and "batches/s" in printed
+    assert "throughput.png" in printed and "benchmarks/throughput.py" in printed
+    readme = out / "README.md"
+    readme.write_text("# title\n\nbefore\n<!-- results:start -->\nold numbers\n<!-- results:end -->\nafter\n")
+    run_script("report.py", out, "--results", str(out), "--write-readme", "--readme", str(readme))
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n<!-- results:start -->\n")
+    assert text.endswith("<!-- results:end -->\nafter\n")
+    row = next(line for line in printed.splitlines() if line.startswith("| tf.data"))
+    assert "old numbers" not in text and row in text
