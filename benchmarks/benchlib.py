@@ -206,7 +206,7 @@ def other_load(before: tuple[float, float], after: tuple[float, float], seconds:
 class OtherLoad:
     """``with OtherLoad() as load: ...`` then ``load.share``: ``other_load`` over the block."""
 
-    def __enter__(self) -> "OtherLoad":
+    def __enter__(self) -> OtherLoad:
         self._start, self._cpu = time.perf_counter(), cpu_snapshot()
         return self
 

@@ -86,8 +86,8 @@ def throughput_section(result: dict, results: Path, readme_dir: Path) -> list[st
 def fit_section(result: dict) -> list[str]:
     s = result["settings"]
     lines = [f"**Keras `model.fit`** (`benchmarks/fit.py`): {s['model']}, {s['steps']} timed steps of "
-             f"{s['batch_size']} per fit, median of {result['rounds']} rounds ({run_line(result)}). The ceiling is the model alone on "
-             "one in-memory batch. Input stall: share of the time the input reader waited for a batch "
+             f"{s['batch_size']} per fit, median of {result['rounds']} rounds ({run_line(result)}). "
+             "The ceiling is the model alone on one in-memory batch. Input stall: share of the time the input reader waited for a batch "
              "(ringfeed: `feed.stats[\"wait_s\"]`; classic generator: time inside its `next()`, where it "
              "computes); tf.data is read inside the compiled step, where no wait is visible (–)."
              + other_load_line(result["inputs"]), ""]

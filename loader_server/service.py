@@ -41,6 +41,7 @@ from . import shm, sources
 from .broker import Broker
 from .config import Config, ConfigError
 from .pool import WorkerPool
+from .procs import die_with_parent
 from .ring import Layout, Ring
 from .auth import secure_frontend
 from .batches import BatchMaker, SampleError
@@ -177,7 +178,8 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
                 path.unlink(missing_ok=True)
 
 
-def _child_main(config: Config, source, conn) -> None:
+def _child_main(config: Config, source, conn, parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # a Service's server must not outlive the script that started it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         run_server(config, source, on_ready=lambda endpoint: conn.send(("ready", endpoint)))
@@ -217,7 +219,7 @@ class Service:
             self._segments.append(segment)
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_child_main, args=(self.config, source, child),
+        self._proc = ctx.Process(target=_child_main, args=(self.config, source, child, os.getpid()),
                                  name=f"ringfeed-server-{self.config.name}", daemon=False)
         self._proc.start()
         child.close()

@@ -12,7 +12,6 @@ server process goes, and every poll timeout also checks the parent's pid.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import traceback
@@ -25,11 +24,11 @@ from client import protocol
 
 from .batches import BatchMaker, SampleError
 from .config import Config
+from .procs import die_with_parent
 from .ring import Layout, Ring
 from .sources import SourceRef
 
 POLL_MS = 500
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -42,17 +41,8 @@ class WorkerSpec:
     parent_pid: int
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the parent-pid check in the poll loop still applies
-    if os.getppid() != parent_pid:
-        os._exit(0)
-
-
 def worker_main(spec: WorkerSpec) -> None:
-    _die_with_parent(spec.parent_pid)
+    die_with_parent(spec.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
     import numba
 

@@ -288,3 +288,33 @@ def test_curve_refuses_clients_without_the_right_key(name, tmp_path):
         server.terminate()
         log = server.communicate(timeout=20)[1]
     assert "refused a client: DENIED" in log
+
+
+SCRIPT_WITH_SERVICE = """
+import sys, time
+import numpy as np
+from loader_server import Config, Service
+if __name__ == "__main__":
+    svc = Service(Config(batch_size=4, workers=1, name=sys.argv[1]), features=np.zeros((16, 3), np.float32),
+                  labels=np.arange(16)).start()
+    print(svc.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_service_dies_with_the_script_that_started_it(name, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT_WITH_SERVICE)
+    owner = subprocess.Popen([sys.executable, str(script), name], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        server_pid = int(owner.stdout.readline())
+        assert pid_alive(server_pid)
+        owner.kill()
+        deadline = time.monotonic() + 10
+        while pid_alive(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(server_pid)
+    finally:
+        owner.kill()
+        owner.wait(10)
