@@ -111,8 +111,25 @@ def delivery_section(result: dict) -> list[str]:
     return lines
 
 
+def remote_section(result: dict) -> list[str]:
+    s = result["settings"]
+    what = ("the standard workload (crop, flip, normalize)" if s["workload"] == "augment" else
+            "float32 samples already 56×56×3, no augmentation (workers only gather)")
+    lines = [f"**Remote delivery, {s['workload']}** (`benchmarks/remote.py --workload {s['workload']}`): "
+             f"loopback TCP, batch {s['batch_size']} of {what}, {s['batch_bytes'] / 1e6:.1f} MB a batch; "
+             f"raw pyzmq pushes one preallocated buffer with `copy=False`; median of {result['rounds']} "
+             f"rounds ({run_line(result)}). Target: ringfeed TCP ≥ {s['targets']['tcp_vs_raw']:g}× raw.", ""]
+    lines += table(["contender", "MB/s", "vs raw pyzmq"],
+                   [[r["name"], num(r["median_mb_per_s"]), times(r["ratio_to_raw_pyzmq"])]
+                    for r in result["contenders"]])
+    return lines
+
+
+NAMES = ("throughput", "fit", "delivery", "remote-augment", "remote-gather")
+
+
 def render(results: Path, readme_dir: Path) -> str:
-    loaded = {name: load(results, name) for name in ("throughput", "fit", "delivery")}
+    loaded = {name: load(results, name) for name in NAMES}
     present = [r for r in loaded.values() if r]
     if not present:
         raise SystemExit(f"no results in {results}: run the benchmarks first")
@@ -123,14 +140,16 @@ def render(results: Path, readme_dir: Path) -> str:
     if any(r["quick"] for r in present):
         lines.append("\n*Quick smoke-run numbers (`--quick`), not for comparison.*")
     sections = {"throughput": lambda r: throughput_section(r, results, readme_dir), "fit": fit_section,
-                "delivery": delivery_section}
+                "delivery": delivery_section, "remote-augment": remote_section, "remote-gather": remote_section}
     for name, result in loaded.items():
         lines.append("")
         lines += sections[name](result) if result else [f"({name}.json missing: run benchmarks/{name}.py)"]
     lines += ["", "Reproduce (from the repository root; `--quick` runs each in under a minute):", "", "```sh"]
     for name, result in loaded.items():
         took = f"  # {result['duration_s'] / 60:.1f} min for the run above" if result else ""
-        lines.append(f".venv/bin/python benchmarks/{name}.py{took}")
+        script, _, workload = name.partition("-")
+        flag = f" --workload {workload}" if workload else ""
+        lines.append(f".venv/bin/python benchmarks/{script}.py{flag}{took}")
     lines += [".venv/bin/python benchmarks/report.py --write-readme", "```"]
     return "\n".join(lines)
 
