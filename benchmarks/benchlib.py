@@ -149,18 +149,6 @@ def timed(pull, seconds: float, warmup: int) -> tuple[int, float]:
             return calls, now - start
 
 
-def close_feed(feed) -> None:
-    """Close a feed at teardown, when the run's numbers are in hand: a socket error then (such as
-    ENOTSOCK from the close/heartbeat race that ringfeed had before 72d3453) is logged, so it
-    cannot cost the results."""
-    import zmq
-
-    try:
-        feed.close()
-    except zmq.ZMQError as exc:
-        log(f"warning: Feed.close() failed: {exc}")
-
-
 def median(values) -> float:
     return float(statistics.median(values))
 

@@ -69,7 +69,7 @@ class Route:
                 "workers_cpu_us_per_batch": (workers1 - workers0) / batches * 1e6}
 
     def stop(self) -> None:
-        benchlib.close_feed(self.feed)
+        self.feed.close()
 
 
 def summarize(routes: list[Route]) -> list[dict]:

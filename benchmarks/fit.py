@@ -112,7 +112,7 @@ class RingfeedGenerator(Input):
         return self.feed.stats["wait_s"]
 
     def stop(self) -> None:
-        benchlib.close_feed(self.feed)
+        self.feed.close()
 
 
 class RingfeedTfDataset(RingfeedGenerator):

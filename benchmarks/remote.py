@@ -91,7 +91,7 @@ class RingfeedRoute:
         next(self._gen)
 
     def stop(self) -> None:
-        benchlib.close_feed(self.feed)
+        self.feed.close()
 
 
 def main() -> None:

@@ -501,7 +501,7 @@ def main() -> int:
             result["rss_end"] = end
             result["feed_stats"] = dict(feed.stats)
             del gen
-            benchlib.close_feed(feed)
+            feed.close()
     except Exception as exc:
         error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
         log(f"ERROR: {type(exc).__name__}: {exc}")

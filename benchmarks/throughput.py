@@ -274,7 +274,7 @@ class RingfeedGenerator(Contender):
 
     def stop(self) -> None:
         self.it = None  # stop TensorFlow's reader, if any, before the feed closes
-        benchlib.close_feed(self.feed)
+        self.feed.close()
 
 
 class RingfeedTfDataset(RingfeedGenerator):

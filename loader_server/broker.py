@@ -32,7 +32,7 @@ from client.protocol import BatchMsg, ProtocolError, TaskMsg
 from .config import Config
 from .pool import RestartLimitError, WorkerPool
 from .procs import pid_alive
-from .ring import Layout, Ring, SlotState
+from .ring import Ring, SlotState
 from .streams import ClientState, Job
 
 log = logging.getLogger("ringfeed.broker")

@@ -239,7 +239,7 @@ def test_dockerfile_copies_only_what_exists_and_the_build_context_sends():
 
 
 def test_dockerfile_stages_user_and_healthcheck():
-    stages, users, health, base = {}, {}, {}, []
+    stages, users, health = {}, {}, {}
     stage = None
     for word, args in _instructions():
         if word == "FROM":
