@@ -333,16 +333,20 @@ class Feed(BatchStream):
     def _receive(self, frames: list[zmq.Frame]) -> None:
         self._last_heard = time.monotonic()
         command = frames[0].bytes
-        if command == protocol.BATCH:
-            msg = protocol.parse_batch(frames)
-            data = tuple(frames[2:]) or None
-            if (data is None) != (self._mapping is not None):
-                raise protocol.ProtocolError(f"BATCH with {len(frames)} frames does not fit this feed's transport")
-            if self._closed:
-                if data is None:
+        if command == protocol.BATCHES:
+            if self._mapping is None:
+                raise protocol.ProtocolError("BATCHES (slot descriptors) sent to a feed in frames mode")
+            for msg in protocol.parse_batches(frames):
+                if self._closed:
                     self._released.append(msg.slot)
-            else:
-                self._inbox.append((msg, data))
+                else:
+                    self._inbox.append((msg, None))
+        elif command == protocol.BATCH:
+            msg = protocol.parse_batch(frames)
+            if self._mapping is not None:
+                raise protocol.ProtocolError("BATCH (bytes) sent to a feed in shm mode")
+            if not self._closed:
+                self._inbox.append((msg, (frames[2], frames[3])))
         elif command == protocol.ERROR:
             details = protocol.parse_error(frames)
             if details["kind"] == "ProtocolError":

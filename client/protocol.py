@@ -15,9 +15,10 @@ Client <-> broker (the client's DEALER talks to the broker's ROUTER)::
     PING                                              (liveness, both directions)
     BYE                                               (client leaves; its slots are freed)
     STATUS                                            -> STATUS {counters...}
-    BATCH  <slot:u32 flags:u32 epoch:i64 index:i64 seq:u64> [x bytes, y bytes]
-                                                      (broker -> client; the two data frames
-                                                       only in "frames" mode)
+    BATCH  <slot:u32 flags:u32 epoch:i64 index:i64 seq:u64> x-bytes y-bytes
+                                                      (broker -> client, "frames" mode)
+    BATCHES <slot:u32 flags:u32 epoch:i64 index:i64 seq:u64>+   (broker -> client, "shm" mode:
+                                                       every batch that became ready at once)
     ERROR  {kind, message, traceback?, epoch?, index?, sample?} (broker -> client)
 
 Worker <-> broker (internal ipc socket in the owner-only runtime folder)::
@@ -50,6 +51,8 @@ PING = b"PING"
 BYE = b"BYE"
 STATUS = b"STATUS"
 BATCH = b"BATCH"
+BATCHES = b"BATCHES"
+MAX_BATCHES_PER_MESSAGE = 4096
 ERROR = b"ERROR"
 
 W_HELLO = b"W_HELLO"
@@ -215,9 +218,22 @@ def batch(msg: BatchMsg) -> list[bytes]:
     return [BATCH, _BATCH.pack(msg.slot, msg.flags, msg.epoch, msg.index, msg.seq)]
 
 
+def batches(msgs: list[BatchMsg]) -> list[bytes]:
+    return [BATCHES, b"".join(_BATCH.pack(m.slot, m.flags, m.epoch, m.index, m.seq) for m in msgs)]
+
+
+def parse_batches(frames: list) -> list[BatchMsg]:
+    _expect_frames(frames, 2, "BATCHES")
+    buf = memoryview(frames[1])
+    count, rest = divmod(buf.nbytes, _BATCH.size)
+    if rest or not 1 <= count <= MAX_BATCHES_PER_MESSAGE:
+        raise ProtocolError(f"BATCHES: expected 1 to {MAX_BATCHES_PER_MESSAGE} records of {_BATCH.size} bytes, "
+                            f"got {buf.nbytes} bytes")
+    return [BatchMsg(*fields) for fields in _BATCH.iter_unpack(buf)]
+
+
 def parse_batch(frames: list) -> BatchMsg:
-    if len(frames) not in (2, 4):
-        raise ProtocolError(f"BATCH: expected 2 or 4 frames, got {len(frames)}")
+    _expect_frames(frames, 4, "BATCH")
     return BatchMsg(*_unpack(_BATCH, frames[1], "BATCH"))
 
 

@@ -86,6 +86,7 @@ class Broker:
         self.jobs: dict[str, Job] = {}
         self.retask: deque[Retask] = deque()
         self.deaths: dict[Retask, int] = {}
+        self.pending_delivery: set[bytes] = set()  # clients with batches that became ready this pass
         self.in_transit: list = []  # (zmq MessageTracker, slot) of batches sent as frames
         self.leased = 0  # shm slots in client hands
         self.served = 0
@@ -108,6 +109,7 @@ class Broker:
             events = dict(poller.poll(TRANSIT_POLL_S * 1000 if self.in_transit else TICK_S * 1000))
             if self.backend in events:
                 self._drain(self.backend, self._on_worker_message)
+                self._deliver_pending()
             if self.frontend in events:
                 self._drain(self.frontend, self._on_client_message)
             exited = [wid for fd, wid in sentinels.items() if fd in events]
@@ -115,6 +117,7 @@ class Broker:
                 self._on_worker_exit(wid)
             if exited:
                 poller, sentinels = self._poller()
+                self._deliver_pending()
             if self.in_transit:
                 self._reap_transit()
             now = time.monotonic()
@@ -191,7 +194,7 @@ class Broker:
             return
         slot.state, slot.worker = SlotState.READY, None
         client.ready[slot.seq] = slot_id
-        self._deliver(client)
+        self.pending_delivery.add(client.identity)
 
     def _on_worker_error(self, identity: bytes, slot_id: int, details: dict) -> None:
         slot = self._slot_of_worker(identity, slot_id)
@@ -202,7 +205,7 @@ class Broker:
                 details["kind"], details["message"], traceback=details.get("traceback"),
                 epoch=slot.epoch, index=slot.index, sample=details.get("sample"),
                 position=details.get("position"), worker_pid=details.get("worker_pid"))
-            self._deliver(client)
+            self.pending_delivery.add(client.identity)
 
     def _on_worker_exit(self, worker_id: int) -> None:
         state = self.workers[worker_id]
@@ -237,7 +240,7 @@ class Broker:
             client.ready[task.seq] = protocol.error(
                 "WorkerCrash", f"batch (epoch {epoch}, index {index}) killed {MAX_DEATHS_PER_BATCH} "
                 f"workers; the last exited with code {exit_code}", epoch=epoch, index=index)
-            self._deliver(client)
+            self.pending_delivery.add(client.identity)
 
     # -- clients ---------------------------------------------------------
 
@@ -371,10 +374,20 @@ class Broker:
             self.backend.send_multipart([self.workers[worker_id].identity,
                                          *protocol.task(TaskMsg(slot_id, epoch, index))])
 
+    def _deliver_pending(self) -> None:
+        """Deliver to every client that got batches in this pass: one message for all of them."""
+        for identity in self.pending_delivery:
+            if identity in self.clients:
+                self._deliver(self.clients[identity])
+        self.pending_delivery.clear()
+
     def _deliver(self, client: ClientState) -> None:
+        headers = []
         while (seq := client.next_deliverable(self.config.ordered)) is not None:
             slot_id = client.delivered(seq)
             if not isinstance(slot_id, int):  # the batch failed: its error takes its place
+                self._send_headers(client, headers)
+                headers = []
                 self._send_client(client.identity, slot_id)
                 continue
             slot = self.slots[slot_id]
@@ -391,9 +404,14 @@ class Broker:
                 # Keep enough slots out of client hands for every worker to keep filling.
                 if self.leased > len(self.slots) - len(self.workers):
                     header = BatchMsg(slot_id, protocol.FLAG_COPY, slot.epoch, slot.index, seq)
-                self._send_client(client.identity, protocol.batch(header))
+                headers.append(header)
             self.served += 1
             self.served_times.append(time.monotonic())
+        self._send_headers(client, headers)
+
+    def _send_headers(self, client: ClientState, headers: list[BatchMsg]) -> None:
+        if headers:
+            self._send_client(client.identity, protocol.batches(headers))
 
     def _reap_transit(self) -> None:
         still = []

@@ -8,7 +8,8 @@ from client.protocol import BatchMsg, ProtocolError, TaskMsg
 
 def test_round_trips():
     msg = BatchMsg(slot=3, flags=protocol.FLAG_COPY, epoch=2, index=7, seq=123)
-    assert protocol.parse_batch(protocol.batch(msg)) == msg
+    assert protocol.parse_batch([*protocol.batch(msg), b"x", b"y"]) == msg
+    assert protocol.parse_batches(protocol.batches([msg, msg])) == [msg, msg]
     task = TaskMsg(slot=1, epoch=4, index=5)
     assert protocol.parse_task(protocol.task(task)) == task
     assert protocol.parse_ack(protocol.ack(2, [1, 5, 9])) == (2, (1, 5, 9))
@@ -20,8 +21,10 @@ def test_round_trips():
 
 
 @pytest.mark.parametrize("frames, fragment", [
-    ([protocol.BATCH, b"\x00" * 7], "expected a 32-byte record, got 7"),
-    ([protocol.BATCH], "expected 2 or 4 frames, got 1"),
+    ([protocol.BATCH, b"\x00" * 7, b"", b""], "expected a 32-byte record, got 7"),
+    ([protocol.BATCH], "expected 4 frame(s), got 1"),
+    ([protocol.BATCHES, b"\x00" * 33], "expected 1 to 4096 records of 32 bytes, got 33 bytes"),
+    ([protocol.BATCHES, b""], "got 0 bytes"),
     ([protocol.ACK, b"\x00\x00"], "4*(1+n) bytes"),
     ([protocol.ACK, b"\x00" * 4 * 5000], "n <= 4096"),
     ([protocol.HELLO, b"\xff\xfe"], "not UTF-8 JSON"),
@@ -33,8 +36,8 @@ def test_round_trips():
     ([protocol.HELLO, b"{" + b" " * (protocol.MAX_JSON_BYTES + 1) + b"}"], "exceeds"),
 ])
 def test_malformed_frames_are_refused_with_a_reason(frames, fragment):
-    parser = {protocol.BATCH: protocol.parse_batch, protocol.ACK: protocol.parse_ack,
-              protocol.HELLO: protocol.parse_hello}[frames[0]]
+    parser = {protocol.BATCH: protocol.parse_batch, protocol.BATCHES: protocol.parse_batches,
+              protocol.ACK: protocol.parse_ack, protocol.HELLO: protocol.parse_hello}[frames[0]]
     with pytest.raises(ProtocolError) as err:
         parser(frames)
     assert fragment in str(err.value)
