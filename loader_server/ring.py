@@ -91,6 +91,10 @@ class Ring:
         return np.ndarray(shape, np.dtype(dtype), buffer=self._mm, offset=start + offset)
 
     def close(self) -> None:
-        """Drop the views, then unmap; call only when no view is referenced elsewhere."""
+        """Drop the views, then unmap. Views still referenced elsewhere (batches ZeroMQ had not yet
+        sent when its sockets closed) keep the mapping alive until they are collected."""
         self.x, self.y = [], []
-        self._mm.close()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # unmapped when the last view goes; the name is already unlinked

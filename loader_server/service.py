@@ -169,10 +169,10 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
                 sock.close(0)
         if authenticator is not None:
             authenticator.stop()
-        if ring is not None:
-            ring.close()
         for segment in owned:
             shm.unlink(segment)
+        if ring is not None:
+            ring.close()
         for path in cleanup_paths:
             if path is not None:
                 path.unlink(missing_ok=True)
