@@ -81,6 +81,12 @@ def service_name(bench: str, tag: str) -> str:
     return f"bench-{bench}-{os.getpid()}-{tag}"
 
 
+def ringfeed_contender(route: str, workers: int) -> tuple[str, str]:
+    """(name, label) of a ringfeed contender; ``route`` is "generator" or "tf-dataset"."""
+    call = "generator()" if route == "generator" else "as_tf_dataset()"
+    return f"ringfeed-{route}-w{workers}", f"ringfeed {call}, {workers} worker{'s' * (workers > 1)}"
+
+
 # -- the workload -------------------------------------------------------------
 
 def make_images(n: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:

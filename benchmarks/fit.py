@@ -101,8 +101,7 @@ class RingfeedGenerator(Input):
     def __init__(self, endpoint: str, workers: int):
         from client import Feed
 
-        super().__init__(f"ringfeed-generator-w{workers}",
-                         f"ringfeed generator(), {workers} worker{'s' * (workers > 1)}", workers)
+        super().__init__(*benchlib.ringfeed_contender("generator", workers), workers)
         self.feed = Feed(endpoint)
 
     def data(self, round_: int):
@@ -118,8 +117,7 @@ class RingfeedGenerator(Input):
 class RingfeedTfDataset(RingfeedGenerator):
     def __init__(self, endpoint: str, workers: int):
         super().__init__(endpoint, workers)
-        self.name = f"ringfeed-tf-dataset-w{workers}"
-        self.label = f"ringfeed as_tf_dataset(), {workers} worker{'s' * (workers > 1)}"
+        self.name, self.label = benchlib.ringfeed_contender("tf-dataset", workers)
 
     def data(self, round_: int):
         return self.feed.as_tf_dataset()

@@ -255,8 +255,7 @@ class RingfeedGenerator(Contender):
     group = "ringfeed"
 
     def __init__(self, endpoint: str, workers: int):
-        super().__init__(f"ringfeed-generator-w{workers}",
-                         f"ringfeed generator(), {workers} worker{'s' * (workers > 1)}", workers)
+        super().__init__(*benchlib.ringfeed_contender("generator", workers), workers)
         self.endpoint = endpoint
 
     def start(self, warmup: int) -> None:
@@ -280,8 +279,7 @@ class RingfeedGenerator(Contender):
 class RingfeedTfDataset(RingfeedGenerator):
     def __init__(self, endpoint: str, workers: int):
         super().__init__(endpoint, workers)
-        self.name = f"ringfeed-tf-dataset-w{workers}"
-        self.label = f"ringfeed as_tf_dataset(), {workers} worker{'s' * (workers > 1)}"
+        self.name, self.label = benchlib.ringfeed_contender("tf-dataset", workers)
 
     def batches(self):
         return iter(self.feed.as_tf_dataset())
