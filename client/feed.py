@@ -9,7 +9,13 @@ thread can steal the other's messages.
 
 Credit: the feed asks for ``prefetch`` batches up front and for one more each
 time it hands one out, piggybacked on the ACK that returns released slots.
-Nothing is a round trip on the hot path.
+ACKs are coalesced (one per ``prefetch // 2`` batches, or at once when the
+feed is about to wait). Nothing is a round trip on the hot path.
+
+Descriptors of batches in a mapped ring arrive in the feed's shared-memory
+mailbox when the server offers one (``client/mailbox.py``): reading one is a
+memory read, and the server sends a WAKE message only when the feed sleeps.
+Otherwise they arrive in BATCHES messages.
 
 Liveness: a socket monitor reports when the connection drops. The feed then
 opens a fresh socket and says HELLO again from the batch it is at; a server
@@ -30,7 +36,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import protocol
+from . import mailbox, protocol
 from .leases import RingMapping, copy_arrays, frame_arrays, lease_arrays
 from .paths import default_endpoint, pid_namespace
 from .security import client_curve_options
@@ -139,6 +145,8 @@ class Feed(BatchStream):
         self._curve = client_curve_options(curve_server_key, curve_secret_key)
         self._lock = threading.Lock()
         self._inbox: deque = deque()
+        self._errors: deque[RemoteWorkerError] = deque()  # mailbox mode: failed batches' details
+        self._mailbox: mailbox.Mailbox | None = None
         self._released: deque = deque()
         self._lent: set[int] = set()  # slots handed out zero-copy and not yet given back
         self._credit_owed = 0
@@ -166,9 +174,9 @@ class Feed(BatchStream):
         if self._closed:
             raise RingfeedError("this Feed is closed")
         with self._lock:
-            self._flush(force=not self._inbox)
             if not self._inbox:
                 self._pump(0)
+            self._flush(force=not self._inbox)
             if not self._inbox:
                 waited_from = time.perf_counter()
                 while not self._inbox:
@@ -179,8 +187,11 @@ class Feed(BatchStream):
                     self._check_alive()
                 self.stats["wait_s"] += time.perf_counter() - waited_from
             msg, data = self._inbox.popleft()
+            if not isinstance(msg, RemoteWorkerError) and msg.flags & protocol.FLAG_ERROR:
+                msg = self._stream_error()
             if isinstance(msg, RemoteWorkerError):
                 self._next += 1  # the failed batch's place; the stream goes on after it
+                self._credit_owed += 1
                 raise msg
             self.last_batch = (msg.epoch, msg.index)
             if data is not None:
@@ -204,7 +215,8 @@ class Feed(BatchStream):
                 return
             self._closed = True
             self._released.extend(msg.slot for msg, data in self._inbox
-                                  if data is None and not isinstance(msg, RemoteWorkerError))
+                                  if data is None and not isinstance(msg, RemoteWorkerError)
+                                  and not msg.flags & protocol.FLAG_ERROR)
             self._inbox.clear()
             self._flush()
 
@@ -241,8 +253,7 @@ class Feed(BatchStream):
                 continue
             frames = self._sock.recv_multipart()
             if frames[0] == protocol.WELCOME:
-                self._welcome(protocol.decode_json(frames[1], "WELCOME"))
-                self._sock.send_multipart(protocol.mode(self._mapping is None))
+                self._sock.send_multipart(protocol.mode(self._welcome(protocol.decode_json(frames[1], "WELCOME"))))
                 self._last_heard = time.monotonic()
                 self._disconnected_at = None
                 return
@@ -259,7 +270,8 @@ class Feed(BatchStream):
         self._monitor.close(0)
         raise self._failure
 
-    def _welcome(self, welcome: dict) -> None:
+    def _welcome(self, welcome: dict) -> str:
+        """Take in WELCOME; return the mode this feed asks for."""
         layout = welcome["layout"]
         spec = FeedSpec(welcome["batch_size"], welcome["steps_per_epoch"], tuple(layout["x_shape"][1:]),
                         np.dtype(layout["x_dtype"]), tuple(layout["y_shape"][1:]),
@@ -284,11 +296,25 @@ class Feed(BatchStream):
             self._next = self._start[0] * self.steps_per_epoch + (self._start[1] - i) // n
         self.spec = spec
         self.heartbeat_s = float(welcome["heartbeat_s"])
+        self._mailbox = None
+        if self._mapping is None:
+            return "frames"
+        if "mailbox" not in welcome or not mailbox.supported():
+            return "shm"
+        k, token = welcome["mailbox"]
+        if not (isinstance(k, int) and 0 <= k < layout["mailboxes"] and isinstance(token, int)):
+            self._failure = protocol.ProtocolError(f"WELCOME: bad mailbox {welcome['mailbox']!r:.80}")
+            self._abandon()
+        self._mailbox = mailbox.open_mailbox(self._mapping.base, layout["mailbox_offset"],
+                                             layout["mailbox_capacity"], k)
+        self._mailbox.attach(token)
+        return "mailbox"
 
     def _reconnect(self) -> None:
         """The server went away: HELLO a fresh socket from where we are, until ``timeout_s``."""
         deadline = max(self._disconnected_at + self.timeout_s, time.monotonic() + 2 * POLL_S)
         self._inbox.clear()
+        self._errors.clear()
         self._released = deque()  # slots of the old server mean nothing to the new one
         self._lent.clear()
         self._credit_owed = 0
@@ -316,12 +342,15 @@ class Feed(BatchStream):
         """Take in what has arrived; if nothing has, wait up to ``wait_s`` for the socket or monitor."""
         if self._drain() or not wait_s:
             return
+        if self._mailbox is not None and not self._mailbox.sleep():
+            self._drain()  # records came while we asked for a WAKE
+            return
         if self._monitor in dict(self._poller.poll(wait_s * 1000)):
             self._read_monitor()
         self._drain()
 
     def _drain(self) -> int:
-        count = 0
+        count = self._take_mailbox() if self._mailbox is not None else 0
         while True:
             try:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -329,6 +358,30 @@ class Feed(BatchStream):
                 return count
             self._receive(frames)
             count += 1
+
+    def _take_mailbox(self) -> int:
+        try:
+            records = self._mailbox.take(self._layout["slots"])
+        except (mailbox.MailboxLost, protocol.ProtocolError) as exc:
+            self._failure = RingfeedError(f"the server at {self.endpoint}: {exc}")
+            self._mailbox = None
+            return 0
+        if records:
+            self._last_heard = time.monotonic()
+        for msg in records:
+            if not self._closed:
+                self._inbox.append((msg, None))
+            elif not msg.flags & protocol.FLAG_ERROR:
+                self._released.append(msg.slot)
+        return len(records)
+
+    def _stream_error(self) -> RemoteWorkerError:
+        """The details of a failed batch, whose ERROR was sent before its mailbox record."""
+        while not self._errors:
+            self._raise_failure()
+            self._pump(POLL_S)
+            self._check_alive()
+        return self._errors.popleft()
 
     def _receive(self, frames: list[zmq.Frame]) -> None:
         self._last_heard = time.monotonic()
@@ -351,11 +404,13 @@ class Feed(BatchStream):
             details = protocol.parse_error(frames)
             if details["kind"] == "ProtocolError":
                 self._failure = RingfeedError(f"server refused a message: {details['message']}")
+            elif "index" in details and self._mailbox is not None:  # its mailbox record says where
+                self._errors.append(RemoteWorkerError(details))
             elif "index" in details:  # a failed batch, in its place in the stream
                 self._inbox.append((RemoteWorkerError(details), None))
             else:
                 self._failure = RemoteWorkerError(details)
-        elif command != protocol.PING:
+        elif command not in (protocol.PING, protocol.WAKE):
             self._failure = RingfeedError(f"unexpected message {command[:32]!r} from the server")
 
     def _flush(self, force: bool = True) -> None:

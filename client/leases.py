@@ -39,15 +39,15 @@ class RingMapping:
         if self._mm[:len(token)] != token:
             self._mm.close()
             raise OSError(f"{path} is another server's segment (token mismatch)")
-        self._base = np.frombuffer(self._mm, np.uint8)
-        self.address = self._base.ctypes.data
+        self.base = np.frombuffer(self._mm, np.uint8)
+        self.address = self.base.ctypes.data
         self.layout = layout
         self.x_dtype, self.y_dtype = np.dtype(layout["x_dtype"]), np.dtype(layout["y_dtype"])
         self.x_shape, self.y_shape = tuple(layout["x_shape"]), tuple(layout["y_shape"])
 
     def view(self, offset: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        return self._base[offset:offset + nbytes].view(dtype).reshape(shape)
+        return self.base[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 class _Lease:

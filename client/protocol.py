@@ -10,7 +10,7 @@ Client <-> broker (the client's DEALER talks to the broker's ROUTER)::
 
     HELLO  {version, start: [epoch, index], credit, pid, pidns, job?, shard?: [i, n]}
                                                       -> WELCOME {layout, ring_token, spec...}
-    MODE   b"shm" | b"frames"                         (how batches travel; streaming starts)
+    MODE   b"shm" | b"frames" | b"mailbox"            (how batches travel; streaming starts)
     ACK    <credit:u32> <slot:u32>*                   (more credit, released slots)
     PING                                              (liveness, both directions)
     BYE                                               (client leaves; its slots are freed)
@@ -19,13 +19,17 @@ Client <-> broker (the client's DEALER talks to the broker's ROUTER)::
                                                       (broker -> client, "frames" mode)
     BATCHES <slot:u32 flags:u32 epoch:i64 index:i64 seq:u64>+   (broker -> client, "shm" mode:
                                                        every batch that became ready at once)
+    WAKE                                              ("mailbox" mode: records are waiting in the
+                                                       shared-memory mailbox named in WELCOME;
+                                                       see client/mailbox.py)
     ERROR  {kind, message, traceback?, epoch?, index?, sample?} (broker -> client)
 
 Worker <-> broker (internal ipc socket in the owner-only runtime folder)::
 
     W_HELLO {worker, pid}          worker is warm and ready for tasks
-    TASK   <slot:u32 epoch:i64 index:i64>
-    W_DONE <slot:u32 skipped:u32>       (skipped: samples replaced under on_error="skip")
+    TASK   <slot:u32 epoch:i64 index:i64>+       (one or more tasks)
+    W_DONE <slot:u32 skipped:u32>+      (one or more finished; skipped: samples replaced
+                                         under on_error="skip")
     W_ERROR <slot:u32> {kind, message, traceback, epoch, index, sample}
     STOP
 """
@@ -43,7 +47,7 @@ MAX_RELEASES_PER_ACK = 4096
 HELLO = b"HELLO"
 WELCOME = b"WELCOME"
 MODE = b"MODE"
-MODES = (b"shm", b"frames")
+MODES = (b"shm", b"frames", b"mailbox")
 MAX_JOB_CHARS = 64
 MAX_SHARDS = 1024
 ACK = b"ACK"
@@ -52,6 +56,7 @@ BYE = b"BYE"
 STATUS = b"STATUS"
 BATCH = b"BATCH"
 BATCHES = b"BATCHES"
+WAKE = b"WAKE"
 MAX_BATCHES_PER_MESSAGE = 4096
 ERROR = b"ERROR"
 
@@ -62,6 +67,8 @@ W_ERROR = b"W_ERROR"
 STOP = b"STOP"
 
 FLAG_COPY = 1  # the client must copy the batch out and release the slot at once
+FLAG_ERROR = 2  # "mailbox" mode: this batch failed; its ERROR message is on the socket
+MAX_TASKS_PER_MESSAGE = 64
 
 _BATCH = struct.Struct("<IIqqQ")
 _TASK = struct.Struct("<Iqq")
@@ -185,17 +192,18 @@ def parse_hello(frames: list) -> HelloMsg:
     return HelloMsg(start[0], start[1], credit, pid, pidns, job, (shard[0], shard[1]))
 
 
-def mode(frames_mode: bool) -> list[bytes]:
-    return [MODE, MODES[frames_mode]]
+def mode(name: str) -> list[bytes]:
+    return [MODE, name.encode()]
 
 
-def parse_mode(frames: list) -> bool:
-    """True for "frames" (batch bytes in the message), False for "shm" (slot descriptor only)."""
+def parse_mode(frames: list) -> str:
+    """"frames" (batch bytes in the message), "shm" (descriptors in BATCHES messages) or
+    "mailbox" (descriptors in the shared-memory mailbox)."""
     _expect_frames(frames, 2, "MODE")
     value = bytes(memoryview(frames[1]))
     if value not in MODES:
         raise ProtocolError(f"MODE: expected one of {MODES}, got {value[:32]!r}")
-    return value == MODES[1]
+    return value.decode()
 
 
 def ack(credit: int, releases: list[int]) -> list[bytes]:
@@ -255,22 +263,31 @@ def parse_error(frames: list) -> dict:
 
 # -- worker <-> broker --------------------------------------------------------
 
-def task(msg: TaskMsg) -> list[bytes]:
-    return [TASK, _TASK.pack(msg.slot, msg.epoch, msg.index)]
+def _unpack_records(fmt: struct.Struct, frames: list, what: str) -> list[tuple]:
+    _expect_frames(frames, 2, what)
+    buf = memoryview(frames[1])
+    count, rest = divmod(buf.nbytes, fmt.size)
+    if rest or not 1 <= count <= MAX_TASKS_PER_MESSAGE:
+        raise ProtocolError(f"{what}: expected 1 to {MAX_TASKS_PER_MESSAGE} records of {fmt.size} bytes, "
+                            f"got {buf.nbytes} bytes")
+    return list(fmt.iter_unpack(buf))
 
 
-def parse_task(frames: list) -> TaskMsg:
-    _expect_frames(frames, 2, "TASK")
-    return TaskMsg(*_unpack(_TASK, frames[1], "TASK"))
+def tasks(msgs: list[TaskMsg]) -> list[bytes]:
+    return [TASK, b"".join(_TASK.pack(m.slot, m.epoch, m.index) for m in msgs)]
 
 
-def worker_done(slot: int, skipped: int) -> list[bytes]:
-    return [W_DONE, _DONE.pack(slot, skipped)]
+def parse_tasks(frames: list) -> list[TaskMsg]:
+    return [TaskMsg(*fields) for fields in _unpack_records(_TASK, frames, "TASK")]
 
 
-def parse_worker_done(frames: list) -> tuple[int, int]:
-    _expect_frames(frames, 2, "W_DONE")
-    return _unpack(_DONE, frames[1], "W_DONE")
+def worker_done(done: list[tuple[int, int]]) -> list[bytes]:
+    """W_DONE for ``done``: (slot, skipped) pairs."""
+    return [W_DONE, b"".join(_DONE.pack(slot, skipped) for slot, skipped in done)]
+
+
+def parse_worker_done(frames: list) -> list[tuple[int, int]]:
+    return _unpack_records(_DONE, frames, "W_DONE")
 
 
 def worker_error(slot: int, details: dict) -> list[bytes]:

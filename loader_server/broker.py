@@ -7,9 +7,11 @@ while there are FREE slots and started clients with unused credit, and
 ``_deliver`` sends READY slots to their client in batch order (or as they
 finish, when ``ordered`` is off).
 
-Delivery is a slot descriptor for clients that map the ring ("shm" mode) or
-the slot's bytes as ``copy=False`` frames ("frames" mode, for other hosts);
-such a slot is freed once ZeroMQ's tracker says the bytes are gone.
+Delivery is a slot descriptor for clients that map the ring: written to the
+client's shared-memory mailbox ("mailbox" mode, with a WAKE message only when
+the client sleeps) or sent in a BATCHES message ("shm" mode). Clients on other
+hosts get the slot's bytes as ``copy=False`` frames ("frames" mode); such a
+slot is freed once ZeroMQ's tracker says the bytes are gone.
 
 A dead worker's slots are freed and its batches recomputed first. A client
 that is gone (its process, over ipc; ``1.5 * heartbeat_s`` of silence
@@ -19,6 +21,7 @@ otherwise) loses its slots, and batches it never received return to its job.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,7 +42,7 @@ log = logging.getLogger("ringfeed.broker")
 
 TICK_S = 0.1
 TRANSIT_POLL_S = 0.0005
-WORKER_INFLIGHT = 3
+WORKER_INFLIGHT = 8
 RATE_WINDOW_S = 5.0
 CLIENT_TIMEOUT_FACTOR = 1.5
 LOCAL_CLIENT_SILENCE_S = 60.0
@@ -87,6 +90,7 @@ class Broker:
         self.retask: deque[Retask] = deque()
         self.deaths: dict[Retask, int] = {}
         self.pending_delivery: set[bytes] = set()  # clients with batches that became ready this pass
+        self.free_mailboxes = deque(range(len(ring.mailboxes)))
         self.in_transit: list = []  # (zmq MessageTracker, slot) of batches sent as frames
         self.leased = 0  # shm slots in client hands
         self.served = 0
@@ -159,7 +163,8 @@ class Broker:
             if command == protocol.W_HELLO:
                 self._on_worker_hello(identity, *protocol.parse_worker_hello(body))
             elif command == protocol.W_DONE:
-                self._on_worker_done(identity, *protocol.parse_worker_done(body))
+                for slot_id, skipped in protocol.parse_worker_done(body):
+                    self._on_worker_done(identity, slot_id, skipped)
             elif command == protocol.W_ERROR:
                 self._on_worker_error(identity, *protocol.parse_worker_error(body))
             else:
@@ -258,8 +263,7 @@ class Broker:
             elif command == protocol.ACK:
                 self._on_ack(client, *protocol.parse_ack(body))
             elif command == protocol.MODE:
-                client.frames, client.started = protocol.parse_mode(body), True
-                client.last_seen = time.monotonic()
+                self._on_mode(client, protocol.parse_mode(body))
             elif command == protocol.PING:
                 client.last_seen = time.monotonic()
             elif command == protocol.BYE:
@@ -288,8 +292,28 @@ class Broker:
         job.members += 1
         credit = min(hello.credit, self.max_credit)
         local_pid = hello.pid if hello.pid > 0 and hello.pidns and hello.pidns == self.pidns else None
-        self.clients[identity] = ClientState(identity, job, credit, time.monotonic(), local_pid)
-        self._send_client(identity, [protocol.WELCOME, protocol.encode_json({**self.welcome, "credit": credit})])
+        client = self.clients[identity] = ClientState(identity, job, credit, time.monotonic(), local_pid)
+        welcome = {**self.welcome, "credit": credit}
+        if self.free_mailboxes:  # used only if the client maps the ring; MODE says
+            client.mailbox_id, token = self.free_mailboxes.popleft(), secrets.randbits(63) + 1
+            self.ring.mailboxes[client.mailbox_id].assign(token)  # before the client can look
+            welcome["mailbox"] = [client.mailbox_id, token]
+        self._send_client(identity, [protocol.WELCOME, protocol.encode_json(welcome)])
+
+    def _on_mode(self, client: ClientState, mode: str) -> None:
+        if mode == "mailbox":
+            if client.mailbox_id is None:
+                raise ProtocolError("MODE mailbox: WELCOME offered this client no mailbox")
+            client.mailbox = self.ring.mailboxes[client.mailbox_id]
+        else:
+            self._return_mailbox(client)
+        client.frames, client.started = mode == "frames", True
+        client.last_seen = time.monotonic()
+
+    def _return_mailbox(self, client: ClientState) -> None:
+        if client.mailbox_id is not None:
+            self.free_mailboxes.append(client.mailbox_id)
+            client.mailbox_id = client.mailbox = None
 
     def _on_ack(self, client: ClientState, credit: int, releases: tuple[int, ...]) -> None:
         client.last_seen = time.monotonic()
@@ -303,6 +327,7 @@ class Broker:
 
     def _drop_client(self, client: ClientState) -> None:
         del self.clients[client.identity]
+        self._return_mailbox(client)
         job = client.job
         job.members -= 1
         if job.members:
@@ -356,23 +381,27 @@ class Broker:
         return Retask(client.identity, seq)
 
     def _schedule(self) -> None:
+        """Hand out tasks while there are free slots, idle workers and wanted batches;
+        each worker gets its share in one TASK message."""
+        batches: dict[int, list[TaskMsg]] = {}
         while self.free:
             idle = [(len(w.inflight), wid) for wid, w in self.workers.items()
                     if w.identity and len(w.inflight) < WORKER_INFLIGHT]
             if not idle:
-                return
+                break
             task = self._next_task()
             if task is None:
-                return
+                break
             worker_id = min(idle)[1]
             client = self.clients[task.client]
             epoch, index = client.job.position(task.seq)
-            slot_id = self.free.popleft()
+            slot_id = self.free.pop()  # the most recently freed slot is the likeliest still in cache
             self.slots[slot_id] = Slot(SlotState.FILLING, worker_id, task.client, client.job, task.seq,
                                        epoch, index)
             self.workers[worker_id].inflight.add(slot_id)
-            self.backend.send_multipart([self.workers[worker_id].identity,
-                                         *protocol.task(TaskMsg(slot_id, epoch, index))])
+            batches.setdefault(worker_id, []).append(TaskMsg(slot_id, epoch, index))
+        for worker_id, tasks in batches.items():
+            self.backend.send_multipart([self.workers[worker_id].identity, *protocol.tasks(tasks)])
 
     def _deliver_pending(self) -> None:
         """Deliver to every client that got batches in this pass: one message for all of them."""
@@ -386,8 +415,12 @@ class Broker:
         while (seq := client.next_deliverable(self.config.ordered)) is not None:
             slot_id = client.delivered(seq)
             if not isinstance(slot_id, int):  # the batch failed: its error takes its place
-                self._send_headers(client, headers)
-                headers = []
+                if client.mailbox is None:
+                    self._send_headers(client, headers)
+                    headers = []
+                else:
+                    epoch, index = client.job.position(seq)
+                    headers.append(BatchMsg(0, protocol.FLAG_ERROR, epoch, index, seq))
                 self._send_client(client.identity, slot_id)
                 continue
             slot = self.slots[slot_id]
@@ -410,8 +443,12 @@ class Broker:
         self._send_headers(client, headers)
 
     def _send_headers(self, client: ClientState, headers: list[BatchMsg]) -> None:
-        if headers:
+        if not headers:
+            return
+        if client.mailbox is None:
             self._send_client(client.identity, protocol.batches(headers))
+        elif client.mailbox.publish(headers):
+            self._send_client(client.identity, [protocol.WAKE])
 
     def _reap_transit(self) -> None:
         still = []

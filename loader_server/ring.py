@@ -2,7 +2,9 @@
 
 The first page holds ``token`` (16 random bytes), which a client compares with
 the token in WELCOME to be sure it mapped this server's ring and not a namesake
-on another host. Slot ``k`` starts at ``HEADER + k * slot_bytes``; inside
+on another host. ``MAILBOXES`` client mailboxes follow (``client/mailbox.py``);
+the header ends on a page boundary. Slot ``k`` starts at
+``header + k * slot_bytes``; inside
 it the features array ``x`` and the labels array ``y`` each start on a
 64-byte boundary, so TensorFlow can alias them without a copy. The layout is
 sent to clients as plain JSON; they map the same file and build the same views.
@@ -21,11 +23,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from client.mailbox import Mailbox, mailbox_bytes, open_mailbox
+
 from . import shm
 
 ALIGN = 64
 PAGE = mmap.PAGESIZE
-HEADER = PAGE
+MAILBOXES = 32  # local clients beyond this get their descriptors in BATCHES messages
 
 
 class SlotState(enum.Enum):
@@ -52,6 +56,9 @@ class Layout:
     y_offset: int
     y_shape: tuple
     y_dtype: str
+    mailboxes: int
+    mailbox_offset: int
+    mailbox_capacity: int
 
     @classmethod
     def plan(cls, segment: str, slots: int, x_shape: tuple, x_dtype, y_shape: tuple, y_dtype) -> "Layout":
@@ -60,8 +67,13 @@ class Layout:
         y_offset = _round_up(x_bytes, ALIGN)
         y_bytes = int(np.prod(y_shape)) * y_dtype.itemsize
         slot_bytes = _round_up(y_offset + y_bytes, PAGE)
-        return cls(segment, secrets.token_hex(16), HEADER, slots, slot_bytes, 0, tuple(x_shape), x_dtype.str,
-                   y_offset, tuple(y_shape), y_dtype.str)
+        header = _round_up(PAGE + MAILBOXES * mailbox_bytes(slots), PAGE)
+        return cls(segment, secrets.token_hex(16), header, slots, slot_bytes, 0, tuple(x_shape), x_dtype.str,
+                   y_offset, tuple(y_shape), y_dtype.str, MAILBOXES, PAGE, slots)
+
+    def mailbox(self, base: np.ndarray, k: int) -> Mailbox:
+        """Mailbox ``k`` over ``base``, a uint8 array of the whole segment."""
+        return open_mailbox(base, self.mailbox_offset, self.mailbox_capacity, k)
 
     @property
     def nbytes(self) -> int:
@@ -85,6 +97,8 @@ class Ring:
             self._mm = shm.attach(layout.segment)
         self.x = [self._view(k, layout.x_offset, layout.x_shape, layout.x_dtype) for k in range(layout.slots)]
         self.y = [self._view(k, layout.y_offset, layout.y_shape, layout.y_dtype) for k in range(layout.slots)]
+        base = np.frombuffer(self._mm, np.uint8)
+        self.mailboxes = [layout.mailbox(base, k) for k in range(layout.mailboxes)] if create else []
 
     def _view(self, slot: int, offset: int, shape: tuple, dtype: str) -> np.ndarray:
         start = self.layout.header + slot * self.layout.slot_bytes
@@ -93,7 +107,7 @@ class Ring:
     def close(self) -> None:
         """Drop the views, then unmap. Views still referenced elsewhere (batches ZeroMQ had not yet
         sent when its sockets closed) keep the mapping alive until they are collected."""
-        self.x, self.y = [], []
+        self.x, self.y, self.mailboxes = [], [], []
         try:
             self._mm.close()
         except BufferError:

@@ -54,6 +54,8 @@ class ClientState:
     last_seen: float
     local_pid: int | None  # set when the client shares our pid namespace over ipc
     frames: bool = False  # batch bytes travel in the message (no shared memory)
+    mailbox_id: int | None = None  # offered in WELCOME
+    mailbox: object = None  # client.mailbox.Mailbox, once MODE chose it
     started: bool = False  # MODE received
     assigned: list = field(default_factory=list)  # heap of seqs being made for it, not yet delivered
     ready: dict = field(default_factory=dict)  # seq -> READY slot, or the ERROR frames that replace it
@@ -81,7 +83,5 @@ class ClientState:
             heapq.heappop(self.assigned)
         else:
             self.unassign(seq)
-        outcome = self.ready.pop(seq)
-        if isinstance(outcome, int):  # an error uses no credit: the client gets no batch for it
-            self.credit -= 1
-        return outcome
+        self.credit -= 1  # an error takes its batch's place in the stream, and its credit
+        return self.ready.pop(seq)

@@ -10,12 +10,13 @@ def test_round_trips():
     msg = BatchMsg(slot=3, flags=protocol.FLAG_COPY, epoch=2, index=7, seq=123)
     assert protocol.parse_batch([*protocol.batch(msg), b"x", b"y"]) == msg
     assert protocol.parse_batches(protocol.batches([msg, msg])) == [msg, msg]
-    task = TaskMsg(slot=1, epoch=4, index=5)
-    assert protocol.parse_task(protocol.task(task)) == task
+    tasks = [TaskMsg(slot=1, epoch=4, index=5), TaskMsg(slot=2, epoch=4, index=6)]
+    assert protocol.parse_tasks(protocol.tasks(tasks)) == tasks
     assert protocol.parse_ack(protocol.ack(2, [1, 5, 9])) == (2, (1, 5, 9))
     hello = protocol.parse_hello(protocol.hello(1, 2, 4, 99, "pid:[1]"))
     assert (hello.epoch, hello.index, hello.credit, hello.pid, hello.pidns) == (1, 2, 4, 99, "pid:[1]")
-    assert protocol.parse_worker_done(protocol.worker_done(6, 1)) == (6, 1)
+    assert protocol.parse_worker_done(protocol.worker_done([(6, 1), (7, 0)])) == [(6, 1), (7, 0)]
+    assert protocol.parse_mode(protocol.mode("mailbox")) == "mailbox"
     slot, details = protocol.parse_worker_error(protocol.worker_error(2, {"kind": "ValueError", "message": "x"}))
     assert slot == 2 and details["kind"] == "ValueError"
 
@@ -25,6 +26,10 @@ def test_round_trips():
     ([protocol.BATCH], "expected 4 frame(s), got 1"),
     ([protocol.BATCHES, b"\x00" * 33], "expected 1 to 4096 records of 32 bytes, got 33 bytes"),
     ([protocol.BATCHES, b""], "got 0 bytes"),
+    ([protocol.TASK, b"\x00" * 21], "expected 1 to 64 records of 20 bytes, got 21 bytes"),
+    ([protocol.TASK, b"\x00" * 20 * 65], "expected 1 to 64 records"),
+    ([protocol.W_DONE, b""], "expected 1 to 64 records of 8 bytes, got 0 bytes"),
+    ([protocol.MODE, b"smh"], "MODE: expected one of"),
     ([protocol.ACK, b"\x00\x00"], "4*(1+n) bytes"),
     ([protocol.ACK, b"\x00" * 4 * 5000], "n <= 4096"),
     ([protocol.HELLO, b"\xff\xfe"], "not UTF-8 JSON"),
@@ -37,7 +42,9 @@ def test_round_trips():
 ])
 def test_malformed_frames_are_refused_with_a_reason(frames, fragment):
     parser = {protocol.BATCH: protocol.parse_batch, protocol.BATCHES: protocol.parse_batches,
-              protocol.ACK: protocol.parse_ack, protocol.HELLO: protocol.parse_hello}[frames[0]]
+              protocol.ACK: protocol.parse_ack, protocol.HELLO: protocol.parse_hello,
+              protocol.TASK: protocol.parse_tasks, protocol.W_DONE: protocol.parse_worker_done,
+              protocol.MODE: protocol.parse_mode}[frames[0]]
     with pytest.raises(ProtocolError) as err:
         parser(frames)
     assert fragment in str(err.value)
