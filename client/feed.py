@@ -9,8 +9,8 @@ thread can steal the other's messages.
 
 Credit: the feed asks for ``prefetch`` batches up front and for one more each
 time it hands one out, piggybacked on the ACK that returns released slots.
-ACKs are coalesced (one per ``prefetch // 2`` batches, or at once when the
-feed is about to wait). Nothing is a round trip on the hot path.
+ACKs are coalesced: one per half of the credit the server granted, or at once
+when the feed is about to wait. Nothing is a round trip on the hot path.
 
 Descriptors of batches in a mapped ring arrive in the feed's shared-memory
 mailbox when the server offers one (``client/mailbox.py``): reading one is a
@@ -141,7 +141,6 @@ class Feed(BatchStream):
         self.endpoint = endpoint or default_endpoint(name)
         self.transport, self.job, self.shard = transport, job, tuple(shard)
         self.timeout_s, self.copy, self.prefetch = timeout_s, copy, prefetch
-        self._ack_every = max(1, prefetch // 2)  # coalesce ACKs: fewer messages, credit still flowing
         self._curve = client_curve_options(curve_server_key, curve_secret_key)
         self._lock = threading.Lock()
         self._inbox: deque = deque()
@@ -176,7 +175,7 @@ class Feed(BatchStream):
         with self._lock:
             if not self._inbox:
                 self._pump(0)
-            self._flush(force=not self._inbox)
+            self._flush(force=not self._inbox)  # before a wait, give back everything
             if not self._inbox:
                 waited_from = time.perf_counter()
                 while not self._inbox:
@@ -185,6 +184,7 @@ class Feed(BatchStream):
                         self._reconnect()
                     self._pump(POLL_S)
                     self._check_alive()
+                    self._keepalive(self.heartbeat_s / 4)  # the heartbeat thread waits for our lock
                 self.stats["wait_s"] += time.perf_counter() - waited_from
             msg, data = self._inbox.popleft()
             if not isinstance(msg, RemoteWorkerError) and msg.flags & protocol.FLAG_ERROR:
@@ -254,7 +254,7 @@ class Feed(BatchStream):
             frames = self._sock.recv_multipart()
             if frames[0] == protocol.WELCOME:
                 self._sock.send_multipart(protocol.mode(self._welcome(protocol.decode_json(frames[1], "WELCOME"))))
-                self._last_heard = time.monotonic()
+                self._last_heard = self._last_ping = time.monotonic()
                 self._disconnected_at = None
                 return
             if frames[0] == protocol.ERROR:
@@ -296,6 +296,7 @@ class Feed(BatchStream):
             self._next = self._start[0] * self.steps_per_epoch + (self._start[1] - i) // n
         self.spec = spec
         self.heartbeat_s = float(welcome["heartbeat_s"])
+        self._ack_every = max(1, welcome["credit"] // 2)  # fewer messages, credit still flowing
         self._mailbox = None
         if self._mapping is None:
             return "frames"
@@ -425,6 +426,13 @@ class Feed(BatchStream):
             self._sock.send_multipart(protocol.ack(0 if self._closed else self._credit_owed, releases))
             self._credit_owed = 0
 
+    def _keepalive(self, every_s: float) -> None:
+        """PING the server unless this feed pinged it less than ``every_s`` ago."""
+        now = time.monotonic()
+        if self._disconnected_at is None and now - self._last_ping >= every_s:
+            self._sock.send_multipart([protocol.PING])
+            self._last_ping = now
+
     def _check_alive(self) -> None:
         silent = time.monotonic() - self._last_heard
         if silent > self.timeout_s and self._failure is None and self._disconnected_at is None:
@@ -453,5 +461,4 @@ class Feed(BatchStream):
                     self._sock.close(0)
                     self._monitor.close(0)
                     return
-                if self._disconnected_at is None:
-                    self._sock.send_multipart([protocol.PING])
+                self._keepalive(0.0)

@@ -47,6 +47,7 @@ RATE_WINDOW_S = 5.0
 CLIENT_TIMEOUT_FACTOR = 1.5
 LOCAL_CLIENT_SILENCE_S = 60.0
 MAX_DEATHS_PER_BATCH = 3
+STARVED_WARNING_S = 10.0
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Slot:
 @dataclass
 class WorkerState:
     identity: bytes | None = None
-    inflight: set = field(default_factory=set)
+    inflight: dict = field(default_factory=dict)  # slot -> None, in the order the worker runs them
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class Broker:
         self.protocol_errors = 0
         self.started = time.monotonic()
         self.last_ping = 0.0
+        self.last_starved_warning = time.monotonic()
         self.max_credit = max(1, self.layout.slots // 2)
         # Client pids are trusted for liveness only over ipc, where only our own user can connect.
         self.pidns = pid_namespace() if config.endpoint.startswith("ipc://") else None
@@ -129,6 +131,7 @@ class Broker:
                 next_housekeeping = now + TICK_S
                 self._expire_clients()
                 self._ping_clients()
+                self._warn_if_starved(now)
             self._schedule()
 
     def _poller(self) -> tuple[zmq.Poller, dict[int, int]]:
@@ -186,7 +189,7 @@ class Broker:
         worker_id = self.identities.get(identity)
         if worker_id is None or not 0 <= slot < len(self.slots) or slot not in self.workers[worker_id].inflight:
             raise ProtocolError(f"worker {identity!r} reported slot {slot}, which it is not filling")
-        self.workers[worker_id].inflight.discard(slot)
+        self.workers[worker_id].inflight.pop(slot)
         return self.slots[slot]
 
     def _on_worker_done(self, identity: bytes, slot_id: int, skipped: int) -> None:
@@ -215,11 +218,13 @@ class Broker:
     def _on_worker_exit(self, worker_id: int) -> None:
         state = self.workers[worker_id]
         self.identities.pop(state.identity, None)
+        running = next(iter(state.inflight), None)  # the one it was computing; the rest only queued
         for slot_id in sorted(state.inflight, key=lambda s: self.slots[s].seq):
             slot = self.slots[slot_id]
             if slot.client in self.clients:
                 task = Retask(slot.client, slot.seq)
-                self.deaths[task] = self.deaths.get(task, 0) + 1
+                if slot_id == running:
+                    self.deaths[task] = self.deaths.get(task, 0) + 1
                 self.retask.append(task)
             elif slot.job.members:
                 slot.job.retask.append(slot.seq)
@@ -362,6 +367,17 @@ class Broker:
             for identity in self.clients:
                 self._send_client(identity, [protocol.PING])
 
+    def _warn_if_starved(self, now: float) -> None:
+        """Clients' unread batches can hold every slot; a client that wants one then waits."""
+        if self.leased < len(self.slots) or not any(c.hungry for c in self.clients.values()):
+            self.last_starved_warning = now
+        elif now - self.last_starved_warning > STARVED_WARNING_S:
+            self.last_starved_warning = now
+            held = sorted((len(c.leased) for c in self.clients.values()), reverse=True)
+            log.warning("all %d slots are held by clients (slots per client: %s), so clients that want "
+                        "a batch wait; start the service with more slots or open feeds with a smaller "
+                        "prefetch", len(self.slots), held)
+
     def _send_client(self, identity: bytes, frames: list[bytes]) -> None:
         self.frontend.send_multipart([identity, *frames])
 
@@ -398,7 +414,7 @@ class Broker:
             slot_id = self.free.pop()  # the most recently freed slot is the likeliest still in cache
             self.slots[slot_id] = Slot(SlotState.FILLING, worker_id, task.client, client.job, task.seq,
                                        epoch, index)
-            self.workers[worker_id].inflight.add(slot_id)
+            self.workers[worker_id].inflight[slot_id] = None
             batches.setdefault(worker_id, []).append(TaskMsg(slot_id, epoch, index))
         for worker_id, tasks in batches.items():
             self.backend.send_multipart([self.workers[worker_id].identity, *protocol.tasks(tasks)])

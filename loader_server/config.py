@@ -48,6 +48,7 @@ class Config:
     augment: tuple = ()
     jit: bool = True
     threads_per_worker: int = 1
+    worker_nice: int = 19
     heartbeat_s: float = 1.0
     start_timeout_s: float = 300.0
     max_worker_restarts: int = 10
@@ -60,10 +61,14 @@ class Config:
         _check_int("seed", self.seed, 0)
         _check_int("threads_per_worker", self.threads_per_worker, 1)
         _check_int("max_worker_restarts", self.max_worker_restarts, 0)
+        _check_int("worker_nice", self.worker_nice, 0)
+        if self.worker_nice > 19:
+            raise ConfigError(f"worker_nice must be at most 19 (the lowest priority), got {self.worker_nice!r}")
         _check_number("heartbeat_s", self.heartbeat_s, 0.0)
         _check_number("start_timeout_s", self.start_timeout_s, 0.0)
         if self.slots is None:
-            # Each worker holds up to three tasks in flight; leave room for client credit and leases.
+            # Room for a client's credit (at most half the ring), the batches Keras keeps, and a
+            # few more tasks in flight per worker.
             object.__setattr__(self, "slots", max(16, 4 * self.workers + 8))
         _check_int("slots", self.slots, 3)
         if self.steps_per_epoch is not None:

@@ -9,6 +9,10 @@ message may carry several tasks; finished batches are reported together while
 they take under ``DONE_COALESCE_S`` each, so tiny batches are not paced by
 one message per batch.
 
+Workers run at ``worker_nice``: when a trainer on the same host wants the
+CPU, its threads win, and the ring's prefetched batches cover the difference;
+when the ring runs dry the trainer blocks and the workers get the CPU.
+
 Workers die with the server: ``PR_SET_PDEATHSIG`` (Linux) kills them when the
 server process goes, and every poll timeout also checks the parent's pid.
 """
@@ -49,6 +53,7 @@ class WorkerSpec:
 
 def worker_main(spec: WorkerSpec) -> None:
     die_with_parent(spec.parent_pid)
+    os.nice(spec.config.worker_nice)  # warming up too: a restart must not starve running workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
     import numba
 

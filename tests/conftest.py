@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 
@@ -25,6 +26,12 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture
 def name() -> str:
     return "t" + uuid.uuid4().hex[:10]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def id_images(n: int, h: int = 8, w: int = 8, c: int = 2) -> np.ndarray:

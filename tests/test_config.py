@@ -13,6 +13,8 @@ from loader_server.config import Config, ConfigError, from_mapping, load_toml
     ({"heartbeat_s": 0}, "heartbeat_s must be a number > 0.0, got 0"),
     ({"augment": [{"size": 3}]}, "augment[0] must be a table with a string 'op'"),
     ({"name": "a b"}, "name must be letters"),
+    ({"worker_nice": 20}, "worker_nice must be at most 19 (the lowest priority), got 20"),
+    ({"worker_nice": -1}, "worker_nice must be an integer >= 0, got -1"),
 ])
 def test_bad_options_name_the_value(options, fragment):
     with pytest.raises(ConfigError) as err:

@@ -20,7 +20,6 @@ import os
 import py_compile
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -312,12 +312,6 @@ def test_train_reads_one_or_several_endpoints(monkeypatch):
     assert train.endpoints_from_env() == ["tcp://a:5555", "tcp://b:5555"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _healthy(endpoint: str) -> bool:
     """The image's HEALTHCHECK: ``ringfeed status --endpoint $RINGFEED_ENDPOINT``."""
     return subprocess.run([sys.executable, "-m", "loader_server.cli", "status", "--endpoint", endpoint,
@@ -330,7 +324,7 @@ def test_compose_commands_end_to_end_without_docker(dataset, name, tmp_path):
     stops each loader cleanly."""
     if importlib.util.find_spec("tensorflow") is None:
         pytest.skip("TensorFlow is not installed (the trainer image's tf extra)")
-    endpoints = [f"tcp://127.0.0.1:{_free_port()}" for _ in range(2)]
+    endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
     servers, logs = [], []
     try:
         for i, endpoint in enumerate(endpoints):

@@ -4,7 +4,6 @@ import glob
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import zmq
-from conftest import expected_batches, rgb_images, ringfeed_segments, take
+from conftest import expected_batches, free_port, rgb_images, ringfeed_segments, take
 
 from client import Feed, RingfeedError, ServerGoneError, protocol
 from client.status import query_status
@@ -259,17 +258,11 @@ def test_fuzzing_10000_malformed_frames_leaves_the_server_serving(name):
         assert x.tobytes() == ex.tobytes() and np.array_equal(y, ey)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_curve_refuses_clients_without_the_right_key(name, tmp_path):
     keys = generate_keys(str(tmp_path / "keys"))
     np.save(tmp_path / "features.npy", rgb_images(40, 8))
     np.save(tmp_path / "labels.npy", np.arange(40))
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     server = subprocess.Popen(
         [sys.executable, "-m", "loader_server.cli", "serve", "--data", str(tmp_path), "--batch-size", "4",
          "--workers", "1", "--name", name, "--endpoint", endpoint, "--curve-secret-key", keys["server_secret"],

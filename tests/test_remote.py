@@ -2,11 +2,10 @@
 
 import os
 import signal
-import socket
 
 import numpy as np
 import pytest
-from conftest import expected_batches, rgb_images, take
+from conftest import expected_batches, free_port, rgb_images, take
 
 from client import Feed
 from client.fanin import FanInFeed
@@ -15,16 +14,10 @@ from loader_server import Config, Service
 AUG = ({"op": "random_crop", "size": 12}, {"op": "flip_lr"}, {"op": "normalize", "mean": 0.5, "std": 0.25})
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tcp_frames_match_the_zero_copy_path_and_train(name):
     images, labels = rgb_images(320, 16), np.arange(320)
     config = Config(batch_size=16, workers=2, name=name, seed=17, augment=AUG,
-                    endpoint=f"tcp://127.0.0.1:{_free_port()}")
+                    endpoint=f"tcp://127.0.0.1:{free_port()}")
     with Service(config, features=images, labels=labels) as svc:
         with Feed(svc.endpoint, transport="frames") as remote, Feed(svc.endpoint, transport="shm") as local:
             over_tcp, zero_copy = take(remote, 25), take(local, 25)
@@ -46,7 +39,7 @@ def _three_servers(name, images, labels):
     services = []
     for k in range(3):
         config = Config(batch_size=16, workers=1, name=f"{name}{k}", seed=23, augment=AUG,
-                        endpoint=f"tcp://127.0.0.1:{_free_port()}")
+                        endpoint=f"tcp://127.0.0.1:{free_port()}")
         services.append(Service(config, features=images, labels=labels).start())
     return services
 

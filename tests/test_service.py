@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import IMAGENET, id_images, rgb_images, ringfeed_segments
+from conftest import IMAGENET, free_port, id_images, rgb_images, ringfeed_segments
 
 from client import Feed, RemoteWorkerError, ServerGoneError
 from client.status import query_status
@@ -208,3 +208,59 @@ def test_npz_data_and_resume_position(name, tmp_path):
         with Feed(svc.endpoint, start=(1, 2)) as resumed:
             x, y = take(resumed, 1)[0]
     assert np.array_equal(y, stream[12][1]) and np.array_equal(x, stream[12][0])
+
+
+@pytest.mark.parametrize("route", ["mailbox", "batches", "frames"])
+def test_every_delivery_route_gives_the_stream_with_errors_in_their_place(name, route, monkeypatch):
+    """Mailbox (the local default), BATCHES messages (machines without the mailbox's memory
+    ordering) and frames: the same batches in the same order, each failed batch raised in its place."""
+    from client import mailbox
+
+    images = rgb_images(64, 8) // 2
+    poisoned = Sampler(64, 8, 4, "shuffle").indices(0, 1)[3]
+    images[poisoned] = 255
+    augment = ({"op": "normalize", "mean": 0.0, "std": 1.0},
+               {"op": "custom", "fn": "custom_ops:explode", "params": [0.9]})
+    config = Config(batch_size=8, workers=2, name=name, seed=4, augment=augment)
+    if route == "batches":
+        monkeypatch.setattr(mailbox, "supported", lambda: False)
+    sampler = Sampler(64, 8, 4, "shuffle")
+    with Service(config, features=images, labels=np.arange(64)) as svc, \
+            Feed(svc.endpoint, transport="frames" if route == "frames" else "auto") as feed:
+        assert (feed._mailbox is not None) == (route == "mailbox")
+        for seq in range(3 * sampler.steps_per_epoch):
+            epoch, index = divmod(seq, sampler.steps_per_epoch)
+            ids = sampler.indices(epoch, index)
+            if poisoned in ids:
+                with pytest.raises(RemoteWorkerError) as err:
+                    feed.next_batch()
+                assert (err.value.epoch, err.value.index, err.value.sample) == (epoch, index, poisoned)
+            else:
+                _, y = feed.next_batch()
+                assert feed.last_batch == (epoch, index) and np.array_equal(y, ids)
+
+
+def test_a_feed_starved_of_slots_by_another_stays_connected_and_resumes(name):
+    """Feeds hold slots with their unread and kept batches; one that gets none waits, keeps
+    pinging (over TCP a silent client expires in 1.5 heartbeats) and goes on once slots return."""
+    import threading
+
+    config = Config(batch_size=4, workers=1, slots=6, name=name, heartbeat_s=0.5,
+                    endpoint=f"tcp://127.0.0.1:{free_port()}")
+    with Service(config, features=rgb_images(200, 8), labels=np.arange(200)) as svc:
+        hog = Feed(svc.endpoint, prefetch=3)
+        kept = [hog.next_batch() for _ in range(3)]  # held, and its credit refills the rest of the ring
+        deadline = time.monotonic() + 5
+        while query_status(svc.endpoint)["slots"]["leased"] < config.slots and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert query_status(svc.endpoint)["slots"]["leased"] == config.slots
+        with Feed(svc.endpoint, prefetch=2) as starved:
+            got = []
+            reader = threading.Thread(target=lambda: got.append(starved.next_batch()[1].copy()))
+            reader.start()
+            reader.join(4 * config.heartbeat_s * 1.5)
+            assert reader.is_alive() and query_status(svc.endpoint)["clients"] == 2
+            del kept
+            hog.close()
+            reader.join(10)
+            assert not reader.is_alive() and len(got) == 1 and got[0].shape == (4,)
