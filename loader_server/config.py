@@ -48,7 +48,7 @@ class Config:
     augment: tuple = ()
     jit: bool = True
     threads_per_worker: int = 1
-    worker_nice: int = 19
+    worker_nice: int = 10
     heartbeat_s: float = 1.0
     start_timeout_s: float = 300.0
     max_worker_restarts: int = 10
