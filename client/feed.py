@@ -8,7 +8,8 @@ through ``_pump``, which moves whatever has arrived into an inbox, so neither
 thread can steal the other's messages.
 
 Credit: the feed asks for ``prefetch`` batches up front and for one more each
-time it hands one out, piggybacked on the ACK that returns released slots.
+time it hands one out or raises a failed batch's error, piggybacked on the ACK
+that returns released slots.
 ACKs are coalesced: one per half of the credit the server granted, or at once
 when the feed is about to wait. Nothing is a round trip on the hot path.
 
@@ -188,7 +189,7 @@ class Feed(BatchStream):
                 self.stats["wait_s"] += time.perf_counter() - waited_from
             msg, data = self._inbox.popleft()
             if not isinstance(msg, RemoteWorkerError) and msg.flags & protocol.FLAG_ERROR:
-                msg = self._stream_error()
+                msg = self._stream_error(msg)
             if isinstance(msg, RemoteWorkerError):
                 self._next += 1  # the failed batch's place; the stream goes on after it
                 self._credit_owed += 1
@@ -376,12 +377,19 @@ class Feed(BatchStream):
                 self._released.append(msg.slot)
         return len(records)
 
-    def _stream_error(self) -> RemoteWorkerError:
-        """The details of a failed batch, whose ERROR was sent before its mailbox record."""
+    def _stream_error(self, record: protocol.BatchMsg) -> RemoteWorkerError:
+        """The details of a failed batch, whose ERROR was sent before its mailbox record;
+        if the connection goes first, an error naming the batch without them."""
+        deadline = time.monotonic() + self.timeout_s
         while not self._errors:
             self._raise_failure()
+            if self._disconnected_at is not None or time.monotonic() > deadline:
+                return RemoteWorkerError({"kind": "WorkerError", "epoch": record.epoch, "index": record.index,
+                                          "message": "the batch failed; its details were lost with the "
+                                                     "connection"})
             self._pump(POLL_S)
             self._check_alive()
+            self._keepalive(self.heartbeat_s / 4)
         return self._errors.popleft()
 
     def _receive(self, frames: list[zmq.Frame]) -> None:

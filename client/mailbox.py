@@ -15,7 +15,9 @@ Each mailbox is ``MAILBOX_CONTROL`` bytes of control words and then
                      client is never read as its own
     word 1  tail     records written so far; the client keeps its own head
     word 8  waiting  set by the client before it sleeps on its socket, cleared
-                     by the broker when it sends WAKE (its own cache line)
+                     by the broker when it sends WAKE (its own cache line); if
+                     records came meanwhile the client does not sleep and the
+                     flag stays set, costing at most one spare WAKE
 
 The broker never has more than the client's credit outstanding, and credit
 is at most half the ring's slots, so ``capacity = slots`` is never overrun.
@@ -118,6 +120,8 @@ class Mailbox:
             if not 0 <= msg.slot < slots:
                 raise ProtocolError(f"mailbox: record for slot {msg.slot}, expected 0 to {slots - 1}")
             records.append(msg)
+        if int(self._ctl[_TOKEN]) != self.token:  # reassigned while we copied
+            raise MailboxLost("the server gave this feed's mailbox to another client")
         self.head = tail
         return records
 

@@ -9,7 +9,8 @@ evaluated: every parser checks frame count, size and types, and raises
 Client <-> broker (the client's DEALER talks to the broker's ROUTER)::
 
     HELLO  {version, start: [epoch, index], credit, pid, pidns, job?, shard?: [i, n]}
-                                                      -> WELCOME {layout, ring_token, spec...}
+                                                      -> WELCOME {layout, spec..., credit (granted),
+                                                                  mailbox?: [k, token]}
     MODE   b"shm" | b"frames" | b"mailbox"            (how batches travel; streaming starts)
     ACK    <credit:u32> <slot:u32>*                   (more credit, released slots)
     PING                                              (liveness, both directions)
@@ -28,8 +29,7 @@ Worker <-> broker (internal ipc socket in the owner-only runtime folder)::
 
     W_HELLO {worker, pid}          worker is warm and ready for tasks
     TASK   <slot:u32 epoch:i64 index:i64>+       (one or more tasks)
-    W_DONE <slot:u32 skipped:u32>+      (one or more finished; skipped: samples replaced
-                                         under on_error="skip")
+    W_DONE <slot:u32 skipped:u32>       (skipped: samples replaced under on_error="skip")
     W_ERROR <slot:u32> {kind, message, traceback, epoch, index, sample}
     STOP
 """
@@ -40,7 +40,7 @@ import json
 import struct
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: mailboxes, WAKE, errors use credit, several tasks per TASK
 MAX_JSON_BYTES = 64 * 1024
 MAX_RELEASES_PER_ACK = 4096
 
@@ -281,13 +281,13 @@ def parse_tasks(frames: list) -> list[TaskMsg]:
     return [TaskMsg(*fields) for fields in _unpack_records(_TASK, frames, "TASK")]
 
 
-def worker_done(done: list[tuple[int, int]]) -> list[bytes]:
-    """W_DONE for ``done``: (slot, skipped) pairs."""
-    return [W_DONE, b"".join(_DONE.pack(slot, skipped) for slot, skipped in done)]
+def worker_done(slot: int, skipped: int) -> list[bytes]:
+    return [W_DONE, _DONE.pack(slot, skipped)]
 
 
-def parse_worker_done(frames: list) -> list[tuple[int, int]]:
-    return _unpack_records(_DONE, frames, "W_DONE")
+def parse_worker_done(frames: list) -> tuple[int, int]:
+    _expect_frames(frames, 2, "W_DONE")
+    return _unpack(_DONE, frames[1], "W_DONE")
 
 
 def worker_error(slot: int, details: dict) -> list[bytes]:

@@ -166,8 +166,7 @@ class Broker:
             if command == protocol.W_HELLO:
                 self._on_worker_hello(identity, *protocol.parse_worker_hello(body))
             elif command == protocol.W_DONE:
-                for slot_id, skipped in protocol.parse_worker_done(body):
-                    self._on_worker_done(identity, slot_id, skipped)
+                self._on_worker_done(identity, *protocol.parse_worker_done(body))
             elif command == protocol.W_ERROR:
                 self._on_worker_error(identity, *protocol.parse_worker_error(body))
             else:
@@ -221,13 +220,11 @@ class Broker:
         running = next(iter(state.inflight), None)  # the one it was computing; the rest only queued
         for slot_id in sorted(state.inflight, key=lambda s: self.slots[s].seq):
             slot = self.slots[slot_id]
-            if slot.client in self.clients:
+            if slot.client in self.clients:  # else its seq went back to the job when it left
                 task = Retask(slot.client, slot.seq)
                 if slot_id == running:
                     self.deaths[task] = self.deaths.get(task, 0) + 1
                 self.retask.append(task)
-            elif slot.job.members:
-                slot.job.retask.append(slot.seq)
             self._free(slot_id)
         self.workers[worker_id] = WorkerState()
         try:

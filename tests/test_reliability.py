@@ -217,9 +217,9 @@ def _fuzz_frames(rng: random.Random):
     if kind == 3:
         return [protocol.ACK, os.urandom(4 * rng.randrange(1, 40))]
     if kind == 4:
-        junk = rng.choice(['{"version": 1}', '{"version": 1, "start": "x", "credit": 1}', "null", "1e999",
-                           '{"version": 1, "start": [0, 99999999], "credit": 1, "pid": 0, "pidns": ""}',
-                           '{"version": 1, "start": [0, 0], "credit": 5, "pid": -3, "pidns": ""}'])
+        junk = rng.choice(['{"version": 2}', '{"version": 2, "start": "x", "credit": 1}', "null", "1e999",
+                           '{"version": 2, "start": [0, 99999999], "credit": 1, "pid": 0, "pidns": ""}',
+                           '{"version": 2, "start": [0, 0], "credit": 5, "pid": -3, "pidns": ""}'])
         return [protocol.HELLO, junk.encode()]
     if kind == 5:
         return [command, b"x" * rng.choice([70_000, 300_000])]
