@@ -29,7 +29,8 @@ Worker <-> broker (internal ipc socket in the owner-only runtime folder)::
 
     W_HELLO {worker, pid}          worker is warm and ready for tasks
     TASK   <slot:u32 epoch:i64 index:i64>+       (one or more tasks)
-    W_DONE <slot:u32 skipped:u32>       (skipped: samples replaced under on_error="skip")
+    W_DONE <slot:u32 skipped:u32>+      (one or more finished; skipped: samples replaced
+                                         under on_error="skip")
     W_ERROR <slot:u32> {kind, message, traceback, epoch, index, sample}
     STOP
 """
@@ -40,7 +41,7 @@ import json
 import struct
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 2  # 2: mailboxes, WAKE, errors use credit, several tasks per TASK
+PROTOCOL_VERSION = 2  # 2: mailboxes, WAKE, errors use credit, several tasks per TASK or W_DONE
 MAX_JSON_BYTES = 64 * 1024
 MAX_RELEASES_PER_ACK = 4096
 
@@ -281,13 +282,13 @@ def parse_tasks(frames: list) -> list[TaskMsg]:
     return [TaskMsg(*fields) for fields in _unpack_records(_TASK, frames, "TASK")]
 
 
-def worker_done(slot: int, skipped: int) -> list[bytes]:
-    return [W_DONE, _DONE.pack(slot, skipped)]
+def worker_done(done: list[tuple[int, int]]) -> list[bytes]:
+    """W_DONE for ``done``: (slot, skipped) pairs."""
+    return [W_DONE, b"".join(_DONE.pack(slot, skipped) for slot, skipped in done)]
 
 
-def parse_worker_done(frames: list) -> tuple[int, int]:
-    _expect_frames(frames, 2, "W_DONE")
-    return _unpack(_DONE, frames[1], "W_DONE")
+def parse_worker_done(frames: list) -> list[tuple[int, int]]:
+    return _unpack_records(_DONE, frames, "W_DONE")
 
 
 def worker_error(slot: int, details: dict) -> list[bytes]:

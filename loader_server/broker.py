@@ -13,7 +13,10 @@ the client sleeps) or sent in a BATCHES message ("shm" mode). Clients on other
 hosts get the slot's bytes as ``copy=False`` frames ("frames" mode); such a
 slot is freed once ZeroMQ's tracker says the bytes are gone.
 
-A dead worker's slots are freed and its batches recomputed first. A client
+A dead worker's slots are freed and its batches recomputed first. Each of
+them is then a suspect: it runs alone on a worker with nothing else in flight,
+so a batch that keeps killing workers is found exactly, and only after
+``MAX_DEATHS_PER_BATCH`` deaths is it reported as a ``WorkerCrash``. A client
 that is gone (its process, over ipc; ``1.5 * heartbeat_s`` of silence
 otherwise) loses its slots, and batches it never received return to its job.
 """
@@ -64,7 +67,8 @@ class Slot:
 @dataclass
 class WorkerState:
     identity: bytes | None = None
-    inflight: dict = field(default_factory=dict)  # slot -> None, in the order the worker runs them
+    inflight: set = field(default_factory=set)
+    isolated: bool = False  # running a suspect batch alone
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,8 @@ class Broker:
             if command == protocol.W_HELLO:
                 self._on_worker_hello(identity, *protocol.parse_worker_hello(body))
             elif command == protocol.W_DONE:
-                self._on_worker_done(identity, *protocol.parse_worker_done(body))
+                for slot_id, skipped in protocol.parse_worker_done(body):
+                    self._on_worker_done(identity, slot_id, skipped)
             elif command == protocol.W_ERROR:
                 self._on_worker_error(identity, *protocol.parse_worker_error(body))
             else:
@@ -188,7 +193,9 @@ class Broker:
         worker_id = self.identities.get(identity)
         if worker_id is None or not 0 <= slot < len(self.slots) or slot not in self.workers[worker_id].inflight:
             raise ProtocolError(f"worker {identity!r} reported slot {slot}, which it is not filling")
-        self.workers[worker_id].inflight.pop(slot)
+        worker = self.workers[worker_id]
+        worker.inflight.discard(slot)
+        worker.isolated = worker.isolated and bool(worker.inflight)
         return self.slots[slot]
 
     def _on_worker_done(self, identity: bytes, slot_id: int, skipped: int) -> None:
@@ -217,13 +224,11 @@ class Broker:
     def _on_worker_exit(self, worker_id: int) -> None:
         state = self.workers[worker_id]
         self.identities.pop(state.identity, None)
-        running = next(iter(state.inflight), None)  # the one it was computing; the rest only queued
         for slot_id in sorted(state.inflight, key=lambda s: self.slots[s].seq):
             slot = self.slots[slot_id]
             if slot.client in self.clients:  # else its seq went back to the job when it left
                 task = Retask(slot.client, slot.seq)
-                if slot_id == running:
-                    self.deaths[task] = self.deaths.get(task, 0) + 1
+                self.deaths[task] = self.deaths.get(task, 0) + 1
                 self.retask.append(task)
             self._free(slot_id)
         self.workers[worker_id] = WorkerState()
@@ -340,6 +345,7 @@ class Broker:
         for slot_id in [*client.leased, *(v for v in client.ready.values() if isinstance(v, int))]:
             self._free(slot_id)
         self.retask = deque(t for t in self.retask if t.client != client.identity)
+        self.deaths = {t: n for t, n in self.deaths.items() if t.client != client.identity}
 
     def _client_gone(self, client: ClientState, now: float) -> bool:
         """A local client is gone when its process is; a remote one when it stops pinging.
@@ -399,19 +405,24 @@ class Broker:
         batches: dict[int, list[TaskMsg]] = {}
         while self.free:
             idle = [(len(w.inflight), wid) for wid, w in self.workers.items()
-                    if w.identity and len(w.inflight) < WORKER_INFLIGHT]
+                    if w.identity and not w.isolated and len(w.inflight) < WORKER_INFLIGHT]
             if not idle:
                 break
             task = self._next_task()
             if task is None:
                 break
-            worker_id = min(idle)[1]
+            load, worker_id = min(idle)
+            if task in self.deaths:  # a suspect waits for a worker with nothing else to do
+                if load:
+                    self.retask.appendleft(task)
+                    break
+                self.workers[worker_id].isolated = True
             client = self.clients[task.client]
             epoch, index = client.job.position(task.seq)
             slot_id = self.free.pop()  # the most recently freed slot is the likeliest still in cache
             self.slots[slot_id] = Slot(SlotState.FILLING, worker_id, task.client, client.job, task.seq,
                                        epoch, index)
-            self.workers[worker_id].inflight[slot_id] = None
+            self.workers[worker_id].inflight.add(slot_id)
             batches.setdefault(worker_id, []).append(TaskMsg(slot_id, epoch, index))
         for worker_id, tasks in batches.items():
             self.backend.send_multipart([self.workers[worker_id].identity, *protocol.tasks(tasks)])

@@ -6,6 +6,8 @@ task to a cold worker. Each TASK names a slot that the broker has marked
 FILLING for this worker; the worker writes the batch there and answers W_DONE,
 or W_ERROR with its traceback. It never changes slot states itself. A TASK
 message may carry several tasks, which the worker queues and runs in order.
+Batches that take under ``DONE_COALESCE_S`` are reported together; a slow
+batch right after such quick ones delays their report once.
 
 Workers run at ``worker_nice``: when a trainer on the same host wants the
 CPU, its threads win, and the ring's prefetched batches cover the difference;
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ from .ring import Layout, Ring
 from .sources import SourceRef
 
 POLL_MS = 500
+DONE_COALESCE_S = 0.0002  # tiny batches are reported together, so messages do not set the pace
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,11 @@ def worker_main(spec: WorkerSpec) -> None:
 
 
 def _serve(sock: zmq.Socket, maker: BatchMaker, ring: Ring, parent_pid: int) -> None:
-    """Run tasks in the order they came, reporting each as it finishes: the broker takes the
-    oldest unreported task as the one a dead worker was running."""
+    """Run tasks in the order they came. A finished batch is reported at once, unless every
+    batch since the last report took under ``DONE_COALESCE_S`` and another task is queued."""
     tasks: deque[protocol.TaskMsg] = deque()
+    done: list[tuple[int, int]] = []
+    first_start = 0.0
     while True:
         if not tasks and not sock.poll(POLL_MS):
             if os.getppid() != parent_pid:
@@ -84,12 +90,17 @@ def _serve(sock: zmq.Socket, maker: BatchMaker, ring: Ring, parent_pid: int) -> 
         if not tasks:
             continue
         task = tasks.popleft()
+        started = time.perf_counter()
         try:
             skipped = maker.make(task.epoch, task.index, ring.x[task.slot], ring.y[task.slot])
         except Exception as exc:  # travels to the client as data
+            _report(sock, done)
             sock.send_multipart(protocol.worker_error(task.slot, _error_details(exc, task)))
             continue
-        sock.send_multipart(protocol.worker_done(task.slot, skipped))
+        first_start = first_start if done else started
+        done.append((task.slot, skipped))
+        if not tasks or time.perf_counter() - first_start >= DONE_COALESCE_S:
+            _report(sock, done)
 
 
 def _take_tasks(sock: zmq.Socket, tasks: deque) -> bool:
@@ -104,6 +115,12 @@ def _take_tasks(sock: zmq.Socket, tasks: deque) -> bool:
             return False
         if command == protocol.TASK:  # only the broker can reach this socket; ignore what we don't know
             tasks.extend(protocol.parse_tasks([f.bytes for f in frames]))
+
+
+def _report(sock: zmq.Socket, done: list) -> None:
+    if done:
+        sock.send_multipart(protocol.worker_done(done))
+        done.clear()
 
 
 def _error_details(exc: Exception, task: protocol.TaskMsg) -> dict:

@@ -22,3 +22,11 @@ def explode(x, keys, params):
     """Raises on any batch holding a value above params[0]: a 'poisoned' sample."""
     if x.max() > params[0]:
         raise ValueError("poisoned sample")
+
+
+@njit(cache=True)
+def segfault(x, keys, params):
+    """Kills its worker (a write far out of bounds) on any batch holding a value above params[0]."""
+    if x.max() > params[0]:
+        flat = x.reshape(-1)
+        flat[1 << 40] = 1.0

@@ -15,7 +15,7 @@ def test_round_trips():
     assert protocol.parse_ack(protocol.ack(2, [1, 5, 9])) == (2, (1, 5, 9))
     hello = protocol.parse_hello(protocol.hello(1, 2, 4, 99, "pid:[1]"))
     assert (hello.epoch, hello.index, hello.credit, hello.pid, hello.pidns) == (1, 2, 4, 99, "pid:[1]")
-    assert protocol.parse_worker_done(protocol.worker_done(6, 1)) == (6, 1)
+    assert protocol.parse_worker_done(protocol.worker_done([(6, 1), (7, 0)])) == [(6, 1), (7, 0)]
     assert protocol.parse_mode(protocol.mode("mailbox")) == "mailbox"
     slot, details = protocol.parse_worker_error(protocol.worker_error(2, {"kind": "ValueError", "message": "x"}))
     assert slot == 2 and details["kind"] == "ValueError"
@@ -28,7 +28,7 @@ def test_round_trips():
     ([protocol.BATCHES, b""], "got 0 bytes"),
     ([protocol.TASK, b"\x00" * 21], "expected 1 to 64 records of 20 bytes, got 21 bytes"),
     ([protocol.TASK, b"\x00" * 20 * 65], "expected 1 to 64 records"),
-    ([protocol.W_DONE, b""], "expected a 8-byte record, got 0 bytes"),
+    ([protocol.W_DONE, b""], "expected 1 to 64 records of 8 bytes, got 0 bytes"),
     ([protocol.MODE, b"smh"], "MODE: expected one of"),
     ([protocol.ACK, b"\x00\x00"], "4*(1+n) bytes"),
     ([protocol.ACK, b"\x00" * 4 * 5000], "n <= 4096"),

@@ -14,7 +14,7 @@ import pytest
 import zmq
 from conftest import expected_batches, free_port, rgb_images, ringfeed_segments, take
 
-from client import Feed, RingfeedError, ServerGoneError, protocol
+from client import Feed, RemoteWorkerError, RingfeedError, ServerGoneError, protocol
 from client.status import query_status
 from loader_server import Config, ConfigError, Service
 from loader_server.auth import generate_keys
@@ -311,3 +311,21 @@ def test_a_service_dies_with_the_script_that_started_it(name, tmp_path):
     finally:
         owner.kill()
         owner.wait(10)
+
+
+def test_a_batch_that_kills_its_worker_is_reported_after_three_deaths_and_the_stream_goes_on(name):
+    images, poisoned = _poisoned_images(seed=4)
+    augment = ({"op": "normalize", "mean": 0.0, "std": 1.0},
+               {"op": "custom", "fn": "custom_ops:segfault", "params": [0.9]})
+    config = Config(batch_size=8, workers=2, name=name, seed=4, augment=augment)
+    with Service(config, features=images, labels=np.arange(64)) as svc, Feed(svc.endpoint, timeout_s=30) as feed:
+        got = []
+        for _ in range(6):
+            try:
+                feed.next_batch()
+                got.append(feed.last_batch)
+            except RemoteWorkerError as err:
+                got.append((err.kind, err.epoch, err.index))
+        status = query_status(svc.endpoint)
+    assert got == [(0, 0), (0, 1), ("WorkerCrash", 0, 2), (0, 3), (0, 4), (0, 5)]
+    assert status["worker_restarts"] == 3  # only the poison batch killed workers; the others ran
