@@ -81,6 +81,19 @@ def service_name(bench: str, tag: str) -> str:
     return f"bench-{bench}-{os.getpid()}-{tag}"
 
 
+def ringfeed_services(stack, bench: str, kinds, features, labels):
+    """A service of its own for each kind of ringfeed contender and worker count (an idle
+    feed holds slots of its service, so feeds never share one): yields (kind, workers, endpoint)."""
+    from loader_server import Config, Service
+
+    for w in worker_counts():
+        for kind in kinds:
+            log(f"starting a ringfeed service with {w} worker(s) for {kind.__name__}")
+            config = Config(batch_size=BATCH, workers=w, seed=SEED, augment=AUGMENT,
+                            name=service_name(bench, f"{kind.__name__}-w{w}"))
+            yield kind, w, stack.enter_context(Service(config, features=features, labels=labels)).endpoint
+
+
 def ringfeed_contender(route: str, workers: int) -> tuple[str, str]:
     """(name, label) of a ringfeed contender; ``route`` is "generator" or "tf-dataset"."""
     call = "generator()" if route == "generator" else "as_tf_dataset()"

@@ -181,22 +181,16 @@ def main() -> None:
     warmup = args.warmup or (3 if args.quick else 10)
     samples = args.samples or (2048 if args.quick else 20000)
 
-    from loader_server import Config, Service
-
     features, labels = benchlib.make_images(samples)
     result = benchlib.header("fit", args, samples=samples, batch_size=BATCH, steps=steps, warmup_steps=warmup,
                              model="Conv2D(16, 3, strides=2, relu) -> GlobalAveragePooling2D -> Dense(10), adam",
                              augment=AUGMENT)
     with ExitStack() as stack:
         inputs: list[Input] = [Ceiling(features, labels), TfData(features, labels), Classic(features, labels)]
-        for w in benchlib.worker_counts():
-            for kind in (RingfeedGenerator, RingfeedTfDataset):
-                log(f"starting a ringfeed service with {w} worker(s) for {kind.__name__}")
-                config = Config(batch_size=BATCH, workers=w, seed=SEED, augment=AUGMENT,
-                                name=benchlib.service_name("fit", f"{kind.__name__}-w{w}"))
-                svc = stack.enter_context(Service(config, features=features, labels=labels))
-                inputs.append(kind(svc.endpoint, w))
-                stack.callback(inputs[-1].stop)
+        for kind, w, endpoint in benchlib.ringfeed_services(stack, "fit", (RingfeedGenerator, RingfeedTfDataset),
+                                                            features, labels):
+            inputs.append(kind(endpoint, w))
+            stack.callback(inputs[-1].stop)
         models = {}
         for s in inputs:
             log(f"tracing the model on {s.label}")

@@ -355,8 +355,6 @@ def main() -> None:
     warmup = 2 if args.quick else 8  # untimed batches per round: covers ringfeed's prefetch and slots
     cores = os.cpu_count() or 1
 
-    from loader_server import Config, Service
-
     features, labels = benchlib.make_images(samples)
     result = benchlib.header("throughput", args, samples=samples, batch_size=BATCH, seconds_per_round=seconds,
                              warmup_batches_per_round=warmup, image=list(IMAGE), crop=list(CROP),
@@ -378,13 +376,9 @@ def main() -> None:
             stack.callback(c.stop)
             c.start(warmup)
         ringfeed: list[Contender] = []
-        for w in benchlib.worker_counts():
-            for kind in (RingfeedGenerator, RingfeedTfDataset):
-                log(f"starting a ringfeed service with {w} worker(s) for {kind.__name__}")
-                config = Config(batch_size=BATCH, workers=w, seed=SEED, augment=AUGMENT,
-                                name=benchlib.service_name("tp", f"{kind.__name__}-w{w}"))
-                svc = stack.enter_context(Service(config, features=features, labels=labels))
-                ringfeed.append(kind(svc.endpoint, w))
+        for kind, w, endpoint in benchlib.ringfeed_services(stack, "tp", (RingfeedGenerator, RingfeedTfDataset),
+                                                            features, labels):
+            ringfeed.append(kind(endpoint, w))
         rest = [ClassicGenerator(features, labels), NumbaInProcess(features, labels, False),
                 NumbaInProcess(features, labels, True), TfData(features, labels)] + ringfeed
         for c in rest:
