@@ -183,9 +183,7 @@ class Feed(BatchStream):
                     self._raise_failure()
                     if self._disconnected_at is not None:
                         self._reconnect()
-                    self._pump(POLL_S)
-                    self._check_alive()
-                    self._keepalive(self.heartbeat_s / 4)  # the heartbeat thread waits for our lock
+                    self._wait_once()
                 self.stats["wait_s"] += time.perf_counter() - waited_from
             msg, data = self._inbox.popleft()
             if not isinstance(msg, RemoteWorkerError) and msg.flags & protocol.FLAG_ERROR:
@@ -387,10 +385,15 @@ class Feed(BatchStream):
                 return RemoteWorkerError({"kind": "WorkerError", "epoch": record.epoch, "index": record.index,
                                           "message": "the batch failed; its details were lost with the "
                                                      "connection"})
-            self._pump(POLL_S)
-            self._check_alive()
-            self._keepalive(self.heartbeat_s / 4)
+            self._wait_once()
         return self._errors.popleft()
+
+    def _wait_once(self) -> None:
+        """One slice of a wait: take in what arrives, notice a dead server, and ping it
+        (the heartbeat thread waits for our lock meanwhile)."""
+        self._pump(POLL_S)
+        self._check_alive()
+        self._keepalive(self.heartbeat_s / 4)
 
     def _receive(self, frames: list[zmq.Frame]) -> None:
         self._last_heard = time.monotonic()

@@ -76,8 +76,7 @@ class Mailbox:
     def __init__(self, base: np.ndarray, offset: int, capacity: int):
         self.capacity = capacity
         self._ctl = base[offset:offset + MAILBOX_CONTROL].view(np.uint64)
-        self._records = base[offset + MAILBOX_CONTROL:offset + mailbox_bytes(capacity)]
-        self._buf = memoryview(self._records)
+        self._buf = memoryview(base[offset + MAILBOX_CONTROL:offset + mailbox_bytes(capacity)])
         self.token = 0
         self.head = 0  # the client's: records read so far
 
@@ -109,8 +108,7 @@ class Mailbox:
     def take(self, slots: int) -> list[BatchMsg]:
         """The records written since the last ``take``, checked as strictly as a frame."""
         tail = int(self._ctl[_TAIL])
-        if int(self._ctl[_TOKEN]) != self.token:  # read after tail, so that tail was ours
-            raise MailboxLost("the server gave this feed's mailbox to another client")
+        self._check_token()  # after tail, so that tail was ours
         count = tail - self.head
         if not 0 <= count <= self.capacity:
             raise ProtocolError(f"mailbox: {count} new records, expected 0 to {self.capacity}")
@@ -120,10 +118,13 @@ class Mailbox:
             if not 0 <= msg.slot < slots:
                 raise ProtocolError(f"mailbox: record for slot {msg.slot}, expected 0 to {slots - 1}")
             records.append(msg)
-        if int(self._ctl[_TOKEN]) != self.token:  # reassigned while we copied
-            raise MailboxLost("the server gave this feed's mailbox to another client")
+        self._check_token()  # not reassigned while we copied
         self.head = tail
         return records
+
+    def _check_token(self) -> None:
+        if int(self._ctl[_TOKEN]) != self.token:
+            raise MailboxLost("the server gave this feed's mailbox to another client")
 
     def sleep(self) -> bool:
         """Ask for a WAKE before sleeping; False if records arrived meanwhile (don't sleep)."""

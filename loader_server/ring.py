@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from client.mailbox import Mailbox, mailbox_bytes, open_mailbox
+from client.mailbox import mailbox_bytes, open_mailbox
 
 from . import shm
 
@@ -71,10 +71,6 @@ class Layout:
         return cls(segment, secrets.token_hex(16), header, slots, slot_bytes, 0, tuple(x_shape), x_dtype.str,
                    y_offset, tuple(y_shape), y_dtype.str, MAILBOXES, PAGE, slots)
 
-    def mailbox(self, base: np.ndarray, k: int) -> Mailbox:
-        """Mailbox ``k`` over ``base``, a uint8 array of the whole segment."""
-        return open_mailbox(base, self.mailbox_offset, self.mailbox_capacity, k)
-
     @property
     def nbytes(self) -> int:
         return self.header + self.slots * self.slot_bytes
@@ -98,7 +94,8 @@ class Ring:
         self.x = [self._view(k, layout.x_offset, layout.x_shape, layout.x_dtype) for k in range(layout.slots)]
         self.y = [self._view(k, layout.y_offset, layout.y_shape, layout.y_dtype) for k in range(layout.slots)]
         base = np.frombuffer(self._mm, np.uint8)
-        self.mailboxes = [layout.mailbox(base, k) for k in range(layout.mailboxes)] if create else []
+        self.mailboxes = [open_mailbox(base, layout.mailbox_offset, layout.mailbox_capacity, k)
+                          for k in range(layout.mailboxes)] if create else []
 
     def _view(self, slot: int, offset: int, shape: tuple, dtype: str) -> np.ndarray:
         start = self.layout.header + slot * self.layout.slot_bytes
