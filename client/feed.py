@@ -15,8 +15,9 @@ when the feed is about to wait. Nothing is a round trip on the hot path.
 
 Descriptors of batches in a mapped ring arrive in the feed's shared-memory
 mailbox when the server offers one (``client/mailbox.py``): reading one is a
-memory read, and the server sends a WAKE message only when the feed sleeps.
-Otherwise they arrive in BATCHES messages.
+memory read, and the server sends a WAKE message only when the feed sleeps,
+once the batches of one ACK's worth of credit are there (or nothing more is
+being made). Otherwise they arrive in BATCHES messages.
 
 Liveness: a socket monitor reports when the connection drops. The feed then
 opens a fresh socket and says HELLO again from the batch it is at; a server
@@ -342,7 +343,7 @@ class Feed(BatchStream):
         """Take in what has arrived; if nothing has, wait up to ``wait_s`` for the socket or monitor."""
         if self._drain() or not wait_s:
             return
-        if self._mailbox is not None and not self._mailbox.sleep():
+        if self._mailbox is not None and not self._mailbox.sleep(self._ack_every):
             self._drain()  # records came while we asked for a WAKE
             return
         if self._monitor in dict(self._poller.poll(wait_s * 1000)):

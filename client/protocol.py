@@ -25,7 +25,7 @@ Client <-> broker (the client's DEALER talks to the broker's ROUTER)::
                                                        see client/mailbox.py)
     ERROR  {kind, message, traceback?, epoch?, index?, sample?} (broker -> client)
 
-Worker <-> broker (internal ipc socket in the owner-only runtime folder)::
+Worker <-> broker (each worker's own socketpair, see loader_server/channel.py)::
 
     W_HELLO {worker, pid}          worker is warm and ready for tasks
     TASK   <slot:u32 epoch:i64 index:i64>+       (one or more tasks)

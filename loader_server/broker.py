@@ -1,7 +1,8 @@
 """The broker: one ZeroMQ poll loop that owns every slot's state.
 
-Clients talk to the frontend ROUTER, workers to the backend ROUTER; worker
-process sentinels sit in the same poller. Each pass of the loop handles what
+Clients talk to the frontend ROUTER; each worker has a socketpair of its own
+(``channel.py``), which sits in the same poller with the worker's process
+sentinel. Each pass of the loop handles what
 arrived, then ``_schedule`` hands tasks to warm workers with spare capacity
 while there are FREE slots and started clients with unused credit, and
 ``_deliver`` sends READY slots to their client in batch order (or as they
@@ -35,6 +36,7 @@ from client import protocol
 from client.paths import pid_namespace
 from client.protocol import BatchMsg, ProtocolError, TaskMsg
 
+from .channel import ChannelError
 from .config import Config
 from .pool import RestartLimitError, WorkerPool
 from .procs import pid_alive
@@ -66,7 +68,7 @@ class Slot:
 
 @dataclass
 class WorkerState:
-    identity: bytes | None = None
+    ready: bool = False  # said W_HELLO
     inflight: set = field(default_factory=set)
     isolated: bool = False  # running a suspect batch alone
 
@@ -79,9 +81,9 @@ class Retask:
 
 class Broker:
     def __init__(self, config: Config, ring: Ring, pool: WorkerPool, frontend: zmq.Socket,
-                 backend: zmq.Socket, welcome: dict, on_ready):
+                 welcome: dict, on_ready):
         self.config, self.ring, self.layout, self.pool = config, ring, ring.layout, pool
-        self.frontend, self.backend = frontend, backend
+        self.frontend = frontend
         self.welcome = welcome
         self.steps = welcome["steps_per_epoch"]
         self.on_ready = on_ready
@@ -89,7 +91,6 @@ class Broker:
         self.slots = [Slot() for _ in range(self.layout.slots)]
         self.free = deque(range(self.layout.slots))
         self.workers = {wid: WorkerState() for wid in pool.procs}
-        self.identities: dict[bytes, int] = {}
         self.clients: dict[bytes, ClientState] = {}
         self.jobs: dict[str, Job] = {}
         self.retask: deque[Retask] = deque()
@@ -112,21 +113,20 @@ class Broker:
     # -- main loop -------------------------------------------------------
 
     def run(self, should_stop) -> None:
-        poller, sentinels = self._poller()
+        poller, sentinels, links = self._poller()
         next_housekeeping = 0.0
         while not should_stop():
             # Trackers have no fd: while batches are on the wire, look at them often.
             events = dict(poller.poll(TRANSIT_POLL_S * 1000 if self.in_transit else TICK_S * 1000))
-            if self.backend in events:
-                self._drain(self.backend, self._on_worker_message)
-                self._deliver_pending()
+            broken = [wid for fd, wid in links.items() if fd in events and not self._drain_worker(wid)]
+            self._deliver_pending()
             if self.frontend in events:
                 self._drain(self.frontend, self._on_client_message)
-            exited = [wid for fd, wid in sentinels.items() if fd in events]
+            exited = {*broken, *(wid for fd, wid in sentinels.items() if fd in events)}
             for wid in exited:
                 self._on_worker_exit(wid)
             if exited:
-                poller, sentinels = self._poller()
+                poller, sentinels, links = self._poller()
                 self._deliver_pending()
             if self.in_transit:
                 self._reap_transit()
@@ -138,20 +138,27 @@ class Broker:
                 self._warn_if_starved(now)
             self._schedule()
 
-    def _poller(self) -> tuple[zmq.Poller, dict[int, int]]:
-        """A poller over both sockets and every worker's sentinel (rebuilt when workers change)."""
+    def _poller(self) -> tuple[zmq.Poller, dict[int, int], dict[int, int]]:
+        """A poller over the frontend and every worker's link and sentinel, and which worker
+        each fd is (rebuilt when workers change)."""
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
-        poller.register(self.backend, zmq.POLLIN)
         sentinels = self.pool.sentinels()
-        for fd in sentinels:
+        links = {link.fileno(): wid for wid, link in self.pool.channels.items()}
+        for fd in [*sentinels, *links]:
             poller.register(fd, zmq.POLLIN)
-        return poller, sentinels
+        return poller, sentinels, links
 
     def stop_workers(self) -> None:
-        for state in self.workers.values():
-            if state.identity:
-                self.backend.send_multipart([state.identity, protocol.STOP])
+        for worker_id in self.pool.channels:
+            self._send_worker(worker_id, [protocol.STOP])
+
+    def _send_worker(self, worker_id: int, frames: list[bytes]) -> None:
+        try:
+            self.pool.channels[worker_id].send(frames)
+        except ChannelError as exc:  # its sentinel reports the death we cause
+            log.warning("worker %d: %s; killing it", worker_id, exc)
+            self.pool.kill(worker_id)
 
     def _drain(self, sock: zmq.Socket, handler) -> None:
         for _ in range(1000):  # bounded, so one busy side cannot starve the other
@@ -163,43 +170,53 @@ class Broker:
 
     # -- workers ---------------------------------------------------------
 
-    def _on_worker_message(self, frames: list[bytes]) -> None:
-        identity, body = frames[0], frames[1:]
-        command = body[0] if body else b""
+    def _drain_worker(self, worker_id: int) -> bool:
+        """Handle what the worker sent; False if its link is closed or broken (it is then killed)."""
+        link = self.pool.channels[worker_id]
+        try:
+            for frames in link.receive():
+                self._on_worker_message(worker_id, frames)
+        except ChannelError as exc:
+            self.protocol_errors += 1
+            log.warning("worker %d: %s; killing it", worker_id, exc)
+            self.pool.kill(worker_id)
+            return False
+        return not link.closed
+
+    def _on_worker_message(self, worker_id: int, frames: list[bytes]) -> None:
+        command = frames[0] if frames else b""
         try:
             if command == protocol.W_HELLO:
-                self._on_worker_hello(identity, *protocol.parse_worker_hello(body))
+                self._on_worker_hello(worker_id, *protocol.parse_worker_hello(frames))
             elif command == protocol.W_DONE:
-                for slot_id, skipped in protocol.parse_worker_done(body):
-                    self._on_worker_done(identity, slot_id, skipped)
+                for slot_id, skipped in protocol.parse_worker_done(frames):
+                    self._on_worker_done(worker_id, slot_id, skipped)
             elif command == protocol.W_ERROR:
-                self._on_worker_error(identity, *protocol.parse_worker_error(body))
+                self._on_worker_error(worker_id, *protocol.parse_worker_error(frames))
             else:
                 raise ProtocolError(f"unknown worker command {command[:32]!r}")
         except ProtocolError as exc:
             self.protocol_errors += 1
-            log.warning("bad frame from worker %r: %s", identity, exc)
+            log.warning("bad message from worker %d: %s", worker_id, exc)
 
-    def _on_worker_hello(self, identity: bytes, worker_id: int, pid: int) -> None:
-        if worker_id not in self.workers or self.pool.pid(worker_id) != pid:
-            raise ProtocolError(f"W_HELLO from unknown worker {worker_id} (pid {pid})")
-        self.workers[worker_id].identity = identity
-        self.identities[identity] = worker_id
-        if not self.is_ready and all(w.identity for w in self.workers.values()):
+    def _on_worker_hello(self, worker_id: int, claimed_id: int, pid: int) -> None:
+        if claimed_id != worker_id or self.pool.pid(worker_id) != pid:
+            raise ProtocolError(f"W_HELLO on worker {worker_id}'s link claims worker {claimed_id} (pid {pid})")
+        self.workers[worker_id].ready = True
+        if not self.is_ready and all(w.ready for w in self.workers.values()):
             self.is_ready = True
             self.on_ready()
 
-    def _slot_of_worker(self, identity: bytes, slot: int) -> Slot:
-        worker_id = self.identities.get(identity)
-        if worker_id is None or not 0 <= slot < len(self.slots) or slot not in self.workers[worker_id].inflight:
-            raise ProtocolError(f"worker {identity!r} reported slot {slot}, which it is not filling")
+    def _slot_of_worker(self, worker_id: int, slot: int) -> Slot:
+        if not 0 <= slot < len(self.slots) or slot not in self.workers[worker_id].inflight:
+            raise ProtocolError(f"worker {worker_id} reported slot {slot}, which it is not filling")
         worker = self.workers[worker_id]
         worker.inflight.discard(slot)
         worker.isolated = worker.isolated and bool(worker.inflight)
         return self.slots[slot]
 
-    def _on_worker_done(self, identity: bytes, slot_id: int, skipped: int) -> None:
-        slot = self._slot_of_worker(identity, slot_id)
+    def _on_worker_done(self, worker_id: int, slot_id: int, skipped: int) -> None:
+        slot = self._slot_of_worker(worker_id, slot_id)
         self.skipped += skipped
         client = self.clients.get(slot.client)
         self.deaths.pop(Retask(slot.client, slot.seq), None)
@@ -210,8 +227,8 @@ class Broker:
         client.ready[slot.seq] = slot_id
         self.pending_delivery.add(client.identity)
 
-    def _on_worker_error(self, identity: bytes, slot_id: int, details: dict) -> None:
-        slot = self._slot_of_worker(identity, slot_id)
+    def _on_worker_error(self, worker_id: int, slot_id: int, details: dict) -> None:
+        slot = self._slot_of_worker(worker_id, slot_id)
         client = self.clients.get(slot.client)
         self._free(slot_id)
         if client is not None:
@@ -223,7 +240,6 @@ class Broker:
 
     def _on_worker_exit(self, worker_id: int) -> None:
         state = self.workers[worker_id]
-        self.identities.pop(state.identity, None)
         for slot_id in sorted(state.inflight, key=lambda s: self.slots[s].seq):
             slot = self.slots[slot_id]
             if slot.client in self.clients:  # else its seq went back to the job when it left
@@ -405,7 +421,7 @@ class Broker:
         batches: dict[int, list[TaskMsg]] = {}
         while self.free:
             idle = [(len(w.inflight), wid) for wid, w in self.workers.items()
-                    if w.identity and not w.isolated and len(w.inflight) < WORKER_INFLIGHT]
+                    if w.ready and not w.isolated and len(w.inflight) < WORKER_INFLIGHT]
             if not idle:
                 break
             task = self._next_task()
@@ -425,7 +441,7 @@ class Broker:
             self.workers[worker_id].inflight.add(slot_id)
             batches.setdefault(worker_id, []).append(TaskMsg(slot_id, epoch, index))
         for worker_id, tasks in batches.items():
-            self.backend.send_multipart([self.workers[worker_id].identity, *protocol.tasks(tasks)])
+            self._send_worker(worker_id, protocol.tasks(tasks))
 
     def _deliver_pending(self) -> None:
         """Deliver to every client that got batches in this pass: one message for all of them."""
@@ -471,7 +487,7 @@ class Broker:
             return
         if client.mailbox is None:
             self._send_client(client.identity, protocol.batches(headers))
-        elif client.mailbox.publish(headers):
+        elif client.mailbox.publish(headers, more_coming=bool(client.assigned)):
             self._send_client(client.identity, [protocol.WAKE])
 
     def _reap_transit(self) -> None:
@@ -503,7 +519,7 @@ class Broker:
             "ready": self.is_ready,
             "workers": self.pool.alive(),
             "worker_pids": [proc.pid for proc in self.pool.procs.values()],
-            "workers_ready": [self.pool.pid(wid) for wid, w in self.workers.items() if w.identity],
+            "workers_ready": [self.pool.pid(wid) for wid, w in self.workers.items() if w.ready],
             "workers_configured": self.config.workers,
             "worker_restarts": self.pool.restarts_total,
             "slots": {"total": len(self.slots), **counts},

@@ -1,8 +1,9 @@
 """Start, watch, replace and stop the worker processes (``spawn`` context).
 
-The broker polls each worker's ``sentinel`` fd next to its sockets, so a dead
-worker (SIGKILL, segfault, OOM) is noticed at once. Restarts are limited to
-``max_worker_restarts`` per ``RESTART_WINDOW_S``.
+Each worker gets a fresh socketpair to the broker (``channel.py``); the
+broker polls its end and each worker's ``sentinel`` fd next to its sockets,
+so a dead worker (SIGKILL, segfault, OOM) is noticed at once. Restarts are
+limited to ``max_worker_restarts`` per ``RESTART_WINDOW_S``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import replace
 
+from . import channel
 from .worker import WorkerSpec, worker_main
 
 log = logging.getLogger("ringfeed.pool")
@@ -33,14 +35,20 @@ class WorkerPool:
         self._restarts: deque[float] = deque()
         self.restarts_total = 0
         self.procs: dict[int, mp.Process] = {}
+        self.channels: dict[int, channel.Channel] = {}  # the broker's end of each worker's link
         for worker_id in range(count):
             self._start(worker_id)
 
     def _start(self, worker_id: int) -> None:
-        proc = self._ctx.Process(target=worker_main, args=(replace(self._spec, worker_id=worker_id),),
+        broker_end, worker_end = channel.pair()
+        proc = self._ctx.Process(target=worker_main, args=(replace(self._spec, worker_id=worker_id), worker_end),
                                  name=f"ringfeed-worker-{worker_id}", daemon=True)
-        proc.start()
+        try:
+            proc.start()
+        finally:
+            worker_end.close()  # the worker has its own copy; ours would hide the worker's exit
         self.procs[worker_id] = proc
+        self.channels[worker_id] = channel.Channel(broker_end)
 
     def sentinels(self) -> dict[int, int]:
         """fd -> worker id, for every worker process still registered."""
@@ -52,6 +60,7 @@ class WorkerPool:
         proc.join(JOIN_TIMEOUT_S)
         code = proc.exitcode
         proc.close()
+        self.channels.pop(worker_id).close()
         now = time.monotonic()
         while self._restarts and now - self._restarts[0] > RESTART_WINDOW_S:
             self._restarts.popleft()
@@ -64,6 +73,10 @@ class WorkerPool:
         log.warning("worker %d exited with code %s; starting a replacement", worker_id, code)
         self._start(worker_id)
         return code
+
+    def kill(self, worker_id: int) -> None:
+        """SIGKILL a worker that broke its link; its sentinel then reports it as dead."""
+        self.procs[worker_id].kill()
 
     def pid(self, worker_id: int) -> int | None:
         proc = self.procs.get(worker_id)
@@ -85,3 +98,6 @@ class WorkerPool:
                 proc.kill()
                 proc.join(JOIN_TIMEOUT_S)
         self.procs.clear()
+        for link in self.channels.values():
+            link.close()
+        self.channels.clear()

@@ -85,7 +85,7 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    runtime = ensure_runtime_dir()
+    ensure_runtime_dir()
     removed = shm.remove_stale()
     if removed:
         log.info("removed stale segments of dead servers: %s", removed)
@@ -93,7 +93,7 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
     owned: list[str] = []
     cleanup_paths = [state_file(config.name)]
     ctx = zmq.Context.instance()
-    frontend = backend = pool = ring = broker = authenticator = None
+    frontend = pool = ring = broker = authenticator = None
     try:
         if source is None:
             source, owned = prepare_source(config, token)
@@ -119,18 +119,13 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
             "steps_per_epoch": maker.sampler.steps_per_epoch, "samples": len(maker.features),
             "heartbeat_s": config.heartbeat_s, "ordered": config.ordered, "server_pid": os.getpid(),
         }
-        backend_endpoint = f"ipc://{runtime / f'{config.name}-{token}-workers.sock'}"
-        backend = ctx.socket(zmq.ROUTER)
-        backend.setsockopt(zmq.LINGER, 0)
-        backend.bind(backend_endpoint)
-        cleanup_paths.append(_ipc_path(backend_endpoint))
         frontend = ctx.socket(zmq.ROUTER)
         frontend.setsockopt(zmq.LINGER, 0)
         frontend.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
         frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if config.curve_secret_key:
             authenticator = secure_frontend(ctx, frontend, config.curve_secret_key, config.curve_authorized_keys)
-        spec = WorkerSpec(0, backend_endpoint, config, source, layout, os.getpid())
+        spec = WorkerSpec(0, config, source, layout, os.getpid())
         pool = WorkerPool(spec, config.workers, config.max_worker_restarts)
         started = time.monotonic()
 
@@ -150,7 +145,7 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
             if on_ready is not None:
                 on_ready(config.endpoint)
 
-        broker = Broker(config, ring, pool, frontend, backend, welcome, ready)
+        broker = Broker(config, ring, pool, frontend, welcome, ready)
 
         def should_stop():
             if not broker.is_ready and time.monotonic() - started > config.start_timeout_s:
@@ -164,9 +159,8 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
             broker.stop_workers()
         if pool is not None:
             pool.stop()
-        for sock in (frontend, backend):
-            if sock is not None:
-                sock.close(0)
+        if frontend is not None:
+            frontend.close(0)
         if authenticator is not None:
             authenticator.stop()
         for segment in owned:

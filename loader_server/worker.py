@@ -2,12 +2,16 @@
 
 The worker maps the dataset and the ring, compiles (or loads from numba's
 cache) the pipeline, and only then says W_HELLO, so the broker never hands a
-task to a cold worker. Each TASK names a slot that the broker has marked
+task to a cold worker. It talks to the broker over its own socketpair
+(``channel.py``). Each TASK names a slot that the broker has marked
 FILLING for this worker; the worker writes the batch there and answers W_DONE,
 or W_ERROR with its traceback. It never changes slot states itself. A TASK
 message may carry several tasks, which the worker queues and runs in order.
-Batches that take under ``DONE_COALESCE_S`` are reported together; a slow
-batch right after such quick ones delays their report once.
+Finished batches are reported together while, since the last report, they
+took under ``DONE_COALESCE_S`` in all and another task is queued: each report
+wakes the broker, which costs tens of microseconds of CPU that a small host
+takes from the workers. A batch slower than that is reported at once; a slow
+batch right after quick ones delays their report once.
 
 Workers run at ``worker_nice``: when a trainer on the same host wants the
 CPU, its threads win, and the ring's prefetched batches cover the difference;
@@ -20,38 +24,39 @@ server process goes, and every poll timeout also checks the parent's pid.
 from __future__ import annotations
 
 import os
+import select
 import signal
+import socket
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-import zmq
 
 from client import protocol
 
 from .batches import BatchMaker, SampleError
+from .channel import Channel, ChannelError
 from .config import Config
 from .procs import die_with_parent
 from .ring import Layout, Ring
 from .sources import SourceRef
 
 POLL_MS = 500
-DONE_COALESCE_S = 0.0002  # tiny batches are reported together, so messages do not set the pace
+DONE_COALESCE_S = 0.004  # batches of a few ms are reported in pairs, tiny ones by the queueful
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
     worker_id: int
-    endpoint: str
     config: Config
     source: SourceRef
     layout: Layout
     parent_pid: int
 
 
-def worker_main(spec: WorkerSpec) -> None:
+def worker_main(spec: WorkerSpec, link: socket.socket) -> None:
     die_with_parent(spec.parent_pid)
     os.nice(spec.config.worker_nice)  # warming up too: a restart must not starve running workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
@@ -62,30 +67,30 @@ def worker_main(spec: WorkerSpec) -> None:
     ring = Ring(spec.layout, create=False)
     maker.make(0, 0, np.empty_like(ring.x[0]), np.empty_like(ring.y[0]))  # compile before W_HELLO
 
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, f"w{spec.worker_id}-{os.getpid()}".encode())
-    sock.connect(spec.endpoint)
-    sock.send_multipart(protocol.worker_hello(spec.worker_id, os.getpid()))
+    channel = Channel(link)
     try:
-        _serve(sock, maker, ring, spec.parent_pid)
+        channel.send(protocol.worker_hello(spec.worker_id, os.getpid()))
+        _serve(channel, maker, ring, spec.parent_pid)
+    except ChannelError:
+        pass  # the broker is gone or stopping; PDEATHSIG or the ppid check ends the rest
     finally:
-        sock.close(0)
+        channel.close()
 
 
-def _serve(sock: zmq.Socket, maker: BatchMaker, ring: Ring, parent_pid: int) -> None:
-    """Run tasks in the order they came. A finished batch is reported at once, unless every
-    batch since the last report took under ``DONE_COALESCE_S`` and another task is queued."""
+def _serve(channel: Channel, maker: BatchMaker, ring: Ring, parent_pid: int) -> None:
+    """Run tasks in the order they came. A finished batch is reported at once, unless the
+    batches since the last report took under ``DONE_COALESCE_S`` and another task is queued."""
+    waiter = select.poll()
+    waiter.register(channel.fileno(), select.POLLIN)
     tasks: deque[protocol.TaskMsg] = deque()
     done: list[tuple[int, int]] = []
     first_start = 0.0
     while True:
-        if not tasks and not sock.poll(POLL_MS):
+        if not tasks and not waiter.poll(POLL_MS):
             if os.getppid() != parent_pid:
                 return
             continue
-        if not _take_tasks(sock, tasks):
+        if not _take_tasks(channel, tasks):
             return
         if not tasks:
             continue
@@ -94,32 +99,29 @@ def _serve(sock: zmq.Socket, maker: BatchMaker, ring: Ring, parent_pid: int) -> 
         try:
             skipped = maker.make(task.epoch, task.index, ring.x[task.slot], ring.y[task.slot])
         except Exception as exc:  # travels to the client as data
-            _report(sock, done)
-            sock.send_multipart(protocol.worker_error(task.slot, _error_details(exc, task)))
+            _report(channel, done)
+            channel.send(protocol.worker_error(task.slot, _error_details(exc, task)))
             continue
         first_start = first_start if done else started
         done.append((task.slot, skipped))
         if not tasks or time.perf_counter() - first_start >= DONE_COALESCE_S:
-            _report(sock, done)
+            _report(channel, done)
 
 
-def _take_tasks(sock: zmq.Socket, tasks: deque) -> bool:
+def _take_tasks(channel: Channel, tasks: deque) -> bool:
     """Queue every TASK that has arrived; False once STOP has."""
-    while True:
-        try:
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return True
-        command = frames[0].bytes
+    for frames in channel.receive():
+        command = frames[0] if frames else b""
         if command == protocol.STOP:
             return False
-        if command == protocol.TASK:  # only the broker can reach this socket; ignore what we don't know
-            tasks.extend(protocol.parse_tasks([f.bytes for f in frames]))
+        if command == protocol.TASK:  # only the broker holds the other end; ignore what we don't know
+            tasks.extend(protocol.parse_tasks(frames))
+    return not channel.closed
 
 
-def _report(sock: zmq.Socket, done: list) -> None:
+def _report(channel: Channel, done: list) -> None:
     if done:
-        sock.send_multipart(protocol.worker_done(done))
+        channel.send(protocol.worker_done(done))
         done.clear()
 
 

@@ -25,7 +25,7 @@ def test_records_arrive_in_order_across_many_wraps():
     broker, client = pair(capacity=4)
     seq = 0
     for n in [1, 3, 4, 2, 4, 1, 1, 4] * 5:
-        assert broker.publish(records(seq, n)) is False  # the client never asked for a WAKE
+        assert broker.publish(records(seq, n), more_coming=True) is False  # the client never asked for a WAKE
         assert client.take(slots=5) == records(seq, n)
         seq += n
     assert client.take(slots=5) == []
@@ -34,10 +34,22 @@ def test_records_arrive_in_order_across_many_wraps():
 def test_a_sleeping_client_is_woken_once_and_a_late_record_stops_the_sleep():
     broker, client = pair()
     assert client.sleep() is True  # nothing there: sleep, and ask for a WAKE
-    assert broker.publish(records(0, 1)) is True
-    assert broker.publish(records(1, 1)) is False  # one WAKE per sleep
+    assert broker.publish(records(0, 1), more_coming=True) is True
+    assert broker.publish(records(1, 1), more_coming=True) is False  # one WAKE per sleep
     assert client.sleep() is False  # records are waiting: don't sleep
     assert [r.seq for r in client.take(slots=5)] == [0, 1]
+
+
+def test_a_client_that_wants_several_records_is_woken_once_they_are_all_there():
+    broker, client = pair(capacity=8)
+    client.take(slots=5)
+    assert client.sleep(wake_after=3) is True
+    assert broker.publish(records(0, 1), more_coming=True) is False
+    assert broker.publish(records(1, 1), more_coming=True) is False
+    assert broker.publish(records(2, 1), more_coming=True) is True
+    assert len(client.take(slots=5)) == 3
+    assert client.sleep(wake_after=3) is True
+    assert broker.publish(records(3, 1), more_coming=False) is True  # nothing more is being made: wake now
 
 
 def test_mailboxes_are_separate():
@@ -45,7 +57,7 @@ def test_mailboxes_are_separate():
     a, b = open_mailbox(base, 0, 4, 0), open_mailbox(base, 0, 4, 1)
     a.assign(1)
     b.assign(2)
-    a.publish(records(0, 2))
+    a.publish(records(0, 2), more_coming=True)
     reader = Mailbox(base, 0, 4)
     reader.attach(1)
     assert len(reader.take(slots=5)) == 2
@@ -53,7 +65,7 @@ def test_mailboxes_are_separate():
 
 def test_a_reassigned_mailbox_is_not_read_by_its_old_owner():
     broker, client = pair()
-    broker.publish(records(0, 2))
+    broker.publish(records(0, 2), more_coming=True)
     broker.assign(78)
     with pytest.raises(MailboxLost):
         client.take(slots=5)
@@ -65,7 +77,7 @@ def test_a_reassigned_mailbox_is_not_read_by_its_old_owner():
 ])
 def test_bad_records_are_refused(tamper, fragment):
     broker, client = pair()
-    broker.publish(records(4, 1))  # slot 4
+    broker.publish(records(4, 1), more_coming=True)  # slot 4
     tamper(broker._ctl)
     with pytest.raises(ProtocolError, match=fragment):
         client.take(slots=4)
