@@ -65,7 +65,7 @@ class FanInFeed(BatchStream):
         """Endpoints currently skipped because they stopped answering."""
         return [e for e, f in zip(self.endpoints, self._feeds) if f is None]
 
-    def next_batch(self):
+    def next_batch(self, copy: bool = False):
         while True:
             epoch, index = self.position
             shard = index % len(self._feeds)
@@ -75,7 +75,7 @@ class FanInFeed(BatchStream):
                 self.stats["missed"] += 1
                 continue
             try:
-                batch = feed.next_batch()
+                batch = feed.next_batch(copy)
             except RingfeedError as exc:
                 if not isinstance(exc, TimeoutError):
                     raise

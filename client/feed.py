@@ -44,6 +44,7 @@ from .paths import default_endpoint, pid_namespace
 from .security import client_curve_options
 
 POLL_S = 0.02
+PEEKED_BATCHES = 2
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_PREFETCH = 8
 TRANSPORTS = ("auto", "shm", "frames")
@@ -90,7 +91,11 @@ class BatchStream:
     """What every feed builds on its own ``next_batch`` and ``close``: a generator, tf.data, ``with``."""
 
     def generator(self):
-        """An infinite generator of ``(x, y)`` batches, for ``model.fit``."""
+        """An infinite generator of ``(x, y)`` batches, for ``model.fit``. Its first
+        ``PEEKED_BATCHES`` are copies: Keras keeps the first batches of a generator even after
+        the fit ends (Keras 3.15), and a lent batch would hold its ring slot for as long."""
+        for _ in range(PEEKED_BATCHES):
+            yield self.next_batch(copy=True)
         while True:
             yield self.next_batch()
 
@@ -171,7 +176,8 @@ class Feed(BatchStream):
         epoch, k = divmod(self._next, self.steps_per_epoch)
         return epoch, self.shard[0] + k * self.shard[1]
 
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+    def next_batch(self, copy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The next ``(x, y)``; with ``copy``, arrays of their own rather than lent ring memory."""
         if self._closed:
             raise RingfeedError("this Feed is closed")
         with self._lock:
@@ -196,7 +202,7 @@ class Feed(BatchStream):
             self.last_batch = (msg.epoch, msg.index)
             if data is not None:
                 batch = frame_arrays(self._layout, *data)
-            elif msg.flags & protocol.FLAG_COPY or self.copy:
+            elif msg.flags & protocol.FLAG_COPY or self.copy or copy:
                 batch = copy_arrays(self._mapping, msg.slot)
                 self._released.append(msg.slot)
             else:

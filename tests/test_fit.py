@@ -26,3 +26,25 @@ def test_model_fit_through_as_tf_dataset():
     result = run_demo(epochs=8, use_tf_dataset=True)
     assert result["val_accuracy"] >= 0.9
     assert result["batches_served"] >= 8 * 46
+
+
+def test_fits_one_after_another_on_one_feed_do_not_pin_ring_slots(name):
+    """Keras keeps the first batches of each generator past the end of its fit; had they been
+    lent, each fit would pin two more slots until the workers had none."""
+    import keras
+    import numpy as np
+    from conftest import rgb_images
+
+    from client import Feed
+    from client.status import query_status
+    from loader_server import Config, Service
+
+    images, labels = rgb_images(64, 8), np.arange(64) % 4
+    config = Config(batch_size=4, workers=1, slots=8, name=name, seed=2)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(4)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with Service(config, features=images, labels=labels) as svc, Feed(svc.endpoint, prefetch=2) as feed:
+        for _ in range(5):
+            model.fit(feed.generator(), steps_per_epoch=6, epochs=1, verbose=0)
+        held = query_status(svc.endpoint)["slots"]["leased"]
+    assert held <= 2 + 1  # the feed's prefetched batches, and the one the last fit left in its queue
