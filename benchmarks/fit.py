@@ -3,7 +3,10 @@
 A small convnet, Conv2D(16, 3, strides=2) -> GlobalAveragePooling2D -> Dense(10),
 trains on the throughput workload's 56x56x3 float32 batches of 256, fed by
 each contender. The same model on one repeated in-memory batch is the ceiling:
-what the trainer does when data costs nothing.
+what the trainer does when data costs nothing. The generator path is the same
+batch yielded by a Python generator: what Keras' per-step Python (a
+``from_generator`` reader and the hand-over to the step) costs, on every
+input that is a generator, ringfeed's included, before any loading.
 
 Each contender gets its own freshly initialised model (same seed), traced by an
 untimed fit first. Then rounds, round-robin: one ``model.fit`` per contender per
@@ -62,6 +65,20 @@ class Ceiling(Input):
 
     def data(self, round_: int):
         return self.dataset
+
+
+class GeneratorPath(Ceiling):
+    def __init__(self, features, labels):
+        super().__init__(features, labels)
+        self.name, self.label = "generator-path", "model alone, one in-memory batch from a Python generator"
+        self.batch = next(iter(self.dataset.as_numpy_iterator()))
+
+    def data(self, round_: int):
+        def repeat():
+            while True:
+                yield self.batch
+
+        return repeat()
 
 
 class TfData(Input):
@@ -168,6 +185,7 @@ def summarize(inputs: list[Input]) -> list[dict]:
     for row in rows:
         row["ratio_to_ceiling"] = benchlib.ratio(row["median_steps_per_s"], by_name["ceiling"])
         row["ratio_to_tf_data"] = benchlib.ratio(row["median_steps_per_s"], by_name["tf.data"])
+        row["ratio_to_generator_path"] = benchlib.ratio(row["median_steps_per_s"], by_name["generator-path"])
     return rows
 
 
@@ -186,7 +204,8 @@ def main() -> None:
                              model="Conv2D(16, 3, strides=2, relu) -> GlobalAveragePooling2D -> Dense(10), adam",
                              augment=AUGMENT)
     with ExitStack() as stack:
-        inputs: list[Input] = [Ceiling(features, labels), TfData(features, labels), Classic(features, labels)]
+        inputs: list[Input] = [Ceiling(features, labels), GeneratorPath(features, labels), TfData(features, labels),
+                               Classic(features, labels)]
         for kind, w, endpoint in benchlib.ringfeed_services(stack, "fit", (RingfeedGenerator, RingfeedTfDataset),
                                                             features, labels):
             inputs.append(kind(endpoint, w))
@@ -209,11 +228,11 @@ def main() -> None:
     rows = summarize(inputs)
     result["inputs"] = rows
     benchlib.write_json(args.out / "fit.json", result)
-    print(f"{'input':<26}{'steps/s':>9}{'x ceiling':>11}{'x tf.data':>11}{'stall':>8}")
+    print(f"{'input':<26}{'steps/s':>9}{'x ceiling':>11}{'x gen path':>11}{'x tf.data':>11}{'stall':>8}")
     for row in rows:
         stall = "-" if row["median_stall_share"] is None else f"{row['median_stall_share']:.0%}"
         print(f"{row['name']:<26}{row['median_steps_per_s']:>9.1f}{row['ratio_to_ceiling']:>11.2f}"
-              f"{row['ratio_to_tf_data']:>11.2f}{stall:>8}")
+              f"{row['ratio_to_generator_path']:>11.2f}{row['ratio_to_tf_data']:>11.2f}{stall:>8}")
 
 
 if __name__ == "__main__":

@@ -88,13 +88,15 @@ def test_throughput_measures_every_contender(throughput, out):
 
 
 def test_fit_measures_every_input(fit):
-    expected = {"ceiling", "tf.data", "classic-generator"} | ringfeed_names("generator", "tf-dataset")
+    untimed = {"ceiling", "generator-path", "tf.data"}
+    expected = untimed | {"classic-generator"} | ringfeed_names("generator", "tf-dataset")
     rows = {row["name"]: row for row in fit["inputs"]}
     assert set(rows) == expected
     for row in rows.values():
         assert row["median_steps_per_s"] > 0 and row["ratio_to_ceiling"] > 0 and row["ratio_to_tf_data"] > 0
+        assert row["ratio_to_generator_path"] > 0
         assert len(row["rounds"]) == QUICK_ROUNDS
-    for name in expected - {"ceiling", "tf.data"}:  # generator and feed readers are timed
+    for name in expected - untimed:  # generator and feed readers are timed
         assert 0 <= rows[name]["median_stall_share"] <= 1
     assert rows["tf.data"]["median_stall_share"] is None
 
