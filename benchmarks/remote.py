@@ -3,7 +3,9 @@
 The baseline is the wire itself: a sender process pushes one preallocated
 batch-sized buffer with ``copy=False`` as fast as ZeroMQ takes it, and this
 process receives it with ``copy=False`` and wraps it in numpy, as the client
-does. Against it, in the same run and round-robin: one ringfeed server sending
+does. A second raw sender sends ``RING_BUFFERS`` buffers in turn, as a ring
+of distinct batches is sent: the kernel then copies from memory, not from a
+buffer hot in cache. Against it, in the same run and round-robin: one ringfeed server sending
 its slots as frames, three servers on three loopback ports fanned into one
 client, and, for reference, the zero-copy shm path. Reported: median MB/s of
 delivered x bytes and samples/s; the Scale-out issue's target is ringfeed TCP
@@ -24,6 +26,7 @@ import benchlib
 from benchlib import AUGMENT, BATCH, CROP, IMAGE, SEED, log
 
 TARGET_RATIO = 0.8
+RING_BUFFERS = 16
 RECV_TIMEOUT_MS = 10_000
 
 
@@ -33,7 +36,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def raw_sender(endpoint: str, nbytes: int, stop) -> None:
+def raw_sender(endpoint: str, nbytes: int, buffers: int, stop) -> None:
     import zmq
 
     sock = zmq.Context.instance().socket(zmq.PUSH)
@@ -41,26 +44,30 @@ def raw_sender(endpoint: str, nbytes: int, stop) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDTIMEO, 500)
     sock.bind(endpoint)
-    payload = np.ones(nbytes, np.uint8)
+    payloads = [np.ones(nbytes, np.uint8) for _ in range(buffers)]
+    sent = 0
     while not stop.is_set():
         try:
-            sock.send(payload, copy=False)
+            sock.send(payloads[sent % buffers], copy=False)
         except zmq.Again:
             continue
+        sent += 1
     sock.close(0)
 
 
 class RawZmq:
     name = "raw pyzmq tcp"
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, buffers: int = 1):
         import zmq
 
+        if buffers > 1:
+            self.name = f"raw pyzmq tcp, {buffers} buffers in turn"
         self.nbytes, self.batch_bytes = nbytes, nbytes
         endpoint = f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")
         self._stop = ctx.Event()
-        self._proc = ctx.Process(target=raw_sender, args=(endpoint, nbytes, self._stop), daemon=True)
+        self._proc = ctx.Process(target=raw_sender, args=(endpoint, nbytes, buffers, self._stop), daemon=True)
         self._proc.start()
         self._sock = zmq.Context.instance().socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, 8)
@@ -127,7 +134,7 @@ def main() -> None:
         log("starting services: one on tcp with 2 workers, three on tcp with 1 worker each")
         single = service("single", 2, tcp=True)
         trio = [service(f"trio{k}", 1, tcp=True) for k in range(3)]
-        routes = [RawZmq(batch_bytes),
+        routes = [RawZmq(batch_bytes), RawZmq(batch_bytes, RING_BUFFERS),
                   RingfeedRoute("ringfeed tcp frames", single.endpoint, "frames", batch_bytes),
                   RingfeedRoute("ringfeed shm (same server)", single.endpoint, "shm", batch_bytes),
                   RingfeedRoute("ringfeed 3 servers fan-in", [s.endpoint for s in trio], "frames", batch_bytes)]
@@ -142,18 +149,20 @@ def main() -> None:
                 rounds[route.name].append(mb_s)
                 log(f"[round {r + 1}/{args.rounds}] {route.name:<28} {mb_s:>8,.0f} MB/s")
 
-    raw = benchlib.median(rounds[RawZmq.name])
+    raw, ring = (benchlib.median(rounds[route.name]) for route in routes[:2])
     rows = []
     for name, values in rounds.items():
         mb_s = benchlib.median(values)
         rows.append({"name": name, "rounds_mb_per_s": values, "median_mb_per_s": mb_s,
-                     "median_samples_per_s": mb_s * 1e6 / batch_bytes * BATCH if name != RawZmq.name else None,
-                     "ratio_to_raw_pyzmq": benchlib.ratio(mb_s, raw)})
+                     "median_samples_per_s": None if name.startswith(RawZmq.name) else mb_s * 1e6 / batch_bytes * BATCH,
+                     "ratio_to_raw_pyzmq": benchlib.ratio(mb_s, raw),
+                     "ratio_to_raw_ring_buffers": benchlib.ratio(mb_s, ring)})
     result["contenders"] = rows
     benchlib.write_json(args.out / f"remote-{args.workload}.json", result)
-    print(f"{'contender':<30}{'MB/s':>10}{'vs raw':>9}")
+    print(f"{'contender':<38}{'MB/s':>10}{'vs raw':>9}{'vs raw ring':>13}")
     for row in rows:
-        print(f"{row['name']:<30}{row['median_mb_per_s']:>10,.0f}{row['ratio_to_raw_pyzmq']:>9.2f}")
+        print(f"{row['name']:<38}{row['median_mb_per_s']:>10,.0f}{row['ratio_to_raw_pyzmq']:>9.2f}"
+              f"{row['ratio_to_raw_ring_buffers']:>13.2f}")
 
 
 if __name__ == "__main__":

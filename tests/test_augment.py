@@ -54,6 +54,21 @@ def test_kernel_compiled_matches_plain_python(name):
     assert any(not np.array_equal(out, arg) for out, arg in zip(compiled, args) if isinstance(arg, np.ndarray))
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_gather_copy_matches_numpy_indexing_with_whole_rows_padding_and_flips(compiled):
+    src = rgb_images(B, size=12)
+    idx = np.array([3, 0, 5, 1, 2, 4])
+    ay, ax = np.array([0, 4, -3, 2, 9, 0]), np.array([0, 4, 2, -2, 11, 3])
+    sy, sx = np.array([1, 1, 1, 1, -1, 1]), np.array([1, 1, 1, 1, -1, -1])
+    out = np.full((B, 8, 8, 3), 255, np.uint8)
+    (kernels.gather_copy if compiled else python_version(kernels.gather_copy))(src, idx, ay, ax, sy, sx, out)
+    for b in range(B):
+        ys, xs = ay[b] + sy[b] * np.arange(8), ax[b] + sx[b] * np.arange(8)
+        inside = ((ys >= 0) & (ys < 12))[:, None] & ((xs >= 0) & (xs < 12))[None, :]
+        expected = src[idx[b]][np.clip(ys, 0, 11)[:, None], np.clip(xs, 0, 11)[None, :]]
+        np.testing.assert_array_equal(out[b], np.where(inside[..., None], expected, 0), err_msg=f"sample {b}")
+
+
 def _run(specs, features, compiled=True, idx=None, epoch=0):
     pipe = Pipeline(specs, features.shape[1:], features.dtype, compiled)
     idx = np.arange(B) if idx is None else idx

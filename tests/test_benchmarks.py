@@ -63,6 +63,12 @@ def delivery(out) -> dict:
     return quick_run("delivery", out)
 
 
+@pytest.fixture(scope="module")
+def remote(out) -> dict:
+    run_script("remote.py", out, "--quick", "--workload", "gather", "--out", str(out))
+    return json.loads((out / "remote-gather.json").read_text())
+
+
 def ringfeed_names(*kinds: str) -> set[str]:
     return {f"ringfeed-{kind}-w{w}" for kind in kinds for w in worker_counts()}
 
@@ -110,9 +116,21 @@ def test_delivery_measures_every_route(delivery):
         assert isinstance(row["meets_targets"], bool) and len(row["rounds"]) == QUICK_ROUNDS
 
 
-def test_report_renders_and_replaces_only_the_results_block(throughput, fit, delivery, out):
+def test_remote_measures_raw_pyzmq_and_every_ringfeed_route(remote):
+    rows = {row["name"]: row for row in remote["contenders"]}
+    assert set(rows) == {"raw pyzmq tcp", "raw pyzmq tcp, 16 buffers in turn", "ringfeed tcp frames",
+                         "ringfeed shm (same server)", "ringfeed 3 servers fan-in"}
+    assert rows["raw pyzmq tcp"]["ratio_to_raw_pyzmq"] == pytest.approx(1.0)
+    for name, row in rows.items():
+        assert row["median_mb_per_s"] > 0 and row["ratio_to_raw_ring_buffers"] > 0
+        assert len(row["rounds_mb_per_s"]) == QUICK_ROUNDS
+        assert (row["median_samples_per_s"] is None) == name.startswith("raw pyzmq")
+
+
+def test_report_renders_and_replaces_only_the_results_block(throughput, fit, delivery, remote, out):
     printed = run_script("report.py", out, "--results", str(out)).stdout
     assert "tf.data map(AUTOTUNE)" in printed and "steps/s" in printed and "batches/s" in printed
+    assert "16 buffers in turn" in printed
     assert "throughput.png" in printed and "benchmarks/throughput.py" in printed
     readme = out / "README.md"
     readme.write_text("# title\n\nbefore\n<!-- results:start -->\nold numbers\n<!-- results:end -->\nafter\n")
