@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -150,12 +151,27 @@ def render(results: Path, readme_dir: Path) -> str:
         lines += sections[name](result) if result else [f"({name}.json missing: run benchmarks/{name}.py)"]
     lines += ["", "Reproduce (from the repository root; `--quick` runs each in under a minute):", "", "```sh"]
     for name, result in loaded.items():
-        took = f"  # {result['duration_s'] / 60:.1f} min for the run above" if result else ""
         script, _, workload = name.partition("-")
-        flag = f" --workload {workload}" if workload else ""
-        lines.append(f".venv/bin/python benchmarks/{script}.py{flag}{took}")
+        flags = [f"--workload {workload}"] if workload else []
+        took = ""
+        if result:
+            flags = run_flags(result["command"])
+            took = f"  # {result['duration_s'] / 60:.1f} min for the run above"
+        lines.append(" ".join([".venv/bin/python", f"benchmarks/{script}.py", *flags]) + took)
     lines += [".venv/bin/python benchmarks/report.py --write-readme", "```"]
     return "\n".join(lines)
+
+
+def run_flags(command: str) -> list[str]:
+    """The flags a result was made with, less where it was written."""
+    args, flags = shlex.split(command)[2:], []
+    while args:
+        arg = args.pop(0)
+        if arg == "--out":
+            args = args[1:]
+        elif not arg.startswith("--out="):
+            flags.append(shlex.quote(arg))
+    return flags
 
 
 def write_readme(readme: Path, section: str) -> None:
