@@ -58,11 +58,14 @@ def raw_sender(endpoint: str, nbytes: int, buffers: int, stop) -> None:
 class RawZmq:
     name = "raw pyzmq tcp"
 
+    @staticmethod
+    def named(buffers: int) -> str:
+        return RawZmq.name if buffers == 1 else f"{RawZmq.name}, {buffers} buffers in turn"
+
     def __init__(self, nbytes: int, buffers: int = 1):
         import zmq
 
-        if buffers > 1:
-            self.name = f"raw pyzmq tcp, {buffers} buffers in turn"
+        self.name = self.named(buffers)
         self.nbytes, self.batch_bytes = nbytes, nbytes
         endpoint = f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")
@@ -149,7 +152,7 @@ def main() -> None:
                 rounds[route.name].append(mb_s)
                 log(f"[round {r + 1}/{args.rounds}] {route.name:<28} {mb_s:>8,.0f} MB/s")
 
-    raw, ring = (benchlib.median(rounds[route.name]) for route in routes[:2])
+    raw, ring = (benchlib.median(rounds[RawZmq.named(n)]) for n in (1, RING_BUFFERS))
     rows = []
     for name, values in rounds.items():
         mb_s = benchlib.median(values)

@@ -118,11 +118,14 @@ class Broker:
         while not should_stop():
             # Trackers have no fd: while batches are on the wire, look at them often.
             events = dict(poller.poll(TRANSIT_POLL_S * 1000 if self.in_transit else TICK_S * 1000))
-            broken = [wid for fd, wid in links.items() if fd in events and not self._drain_worker(wid)]
+            for fd, wid in list(links.items()):
+                if fd in events and not self._drain_worker(wid):
+                    poller.unregister(fd)  # at its end for good; the worker's sentinel reports its exit
+                    del links[fd]
             self._deliver_pending()
             if self.frontend in events:
                 self._drain(self.frontend, self._on_client_message)
-            exited = {*broken, *(wid for fd, wid in sentinels.items() if fd in events)}
+            exited = [wid for fd, wid in sentinels.items() if fd in events]
             for wid in exited:
                 self._on_worker_exit(wid)
             if exited:
@@ -156,9 +159,16 @@ class Broker:
     def _send_worker(self, worker_id: int, frames: list[bytes]) -> None:
         try:
             self.pool.channels[worker_id].send(frames)
-        except ChannelError as exc:  # its sentinel reports the death we cause
-            log.warning("worker %d: %s; killing it", worker_id, exc)
-            self.pool.kill(worker_id)
+        except ChannelError as exc:
+            self._kill_worker(worker_id, exc)
+
+    def _kill_worker(self, worker_id: int, reason) -> None:
+        """A worker whose link failed gets no more tasks and is killed; its sentinel then
+        reports the death, and its batches are recomputed."""
+        log.warning("worker %d: %s; killing it", worker_id, reason)
+        if worker_id in self.workers:
+            self.workers[worker_id].ready = False
+        self.pool.kill(worker_id)
 
     def _drain(self, sock: zmq.Socket, handler) -> None:
         for _ in range(1000):  # bounded, so one busy side cannot starve the other
@@ -171,16 +181,18 @@ class Broker:
     # -- workers ---------------------------------------------------------
 
     def _drain_worker(self, worker_id: int) -> bool:
-        """Handle what the worker sent; False if its link is closed or broken (it is then killed)."""
+        """Handle what the worker sent; False once its link is closed or broken (the worker is
+        then killed: while the broker runs, a worker never closes its end on its own)."""
         link = self.pool.channels[worker_id]
         try:
             for frames in link.receive():
                 self._on_worker_message(worker_id, frames)
         except ChannelError as exc:
             self.protocol_errors += 1
-            log.warning("worker %d: %s; killing it", worker_id, exc)
-            self.pool.kill(worker_id)
+            self._kill_worker(worker_id, exc)
             return False
+        if link.closed:
+            self._kill_worker(worker_id, "its link closed")
         return not link.closed
 
     def _on_worker_message(self, worker_id: int, frames: list[bytes]) -> None:

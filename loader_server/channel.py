@@ -47,10 +47,13 @@ def pair() -> tuple[socket.socket, socket.socket]:
 
 
 def pack(frames: list[bytes]) -> bytes:
+    """One record; a message the peer would refuse is the sender's bug (ValueError)."""
     if len(frames) > MAX_FRAMES:
-        raise ChannelError(f"{len(frames)} frames in one message, expected at most {MAX_FRAMES}")
+        raise ValueError(f"{len(frames)} frames in one message, expected at most {MAX_FRAMES}")
     head = _COUNT.pack(len(frames)) + struct.pack(f"<{len(frames)}I", *map(len, frames))
     body = head + b"".join(frames)
+    if len(body) > MAX_RECORD_BYTES:
+        raise ValueError(f"a record of {len(body)} bytes, expected at most {MAX_RECORD_BYTES}")
     return _LENGTH.pack(len(body)) + body
 
 
@@ -61,6 +64,7 @@ class Channel:
         self.sock = sock
         self.closed = False  # the peer closed its end: nothing more will arrive
         self._pending = bytearray()
+        self._refused: ChannelError | None = None  # raised once the messages before it are taken
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -73,7 +77,10 @@ class Channel:
 
     def receive(self) -> list[list[bytes]]:
         """Every complete message that has arrived, without waiting; [] if none. Once the peer
-        has closed its end, ``closed`` is set (after the messages it sent before)."""
+        has closed its end, ``closed`` is set (after the messages it sent before). Bytes that
+        are not a record raise ``ChannelError``, after the messages that came before them."""
+        if self._refused is not None:
+            raise self._refused
         while not self.closed:
             try:
                 data = self.sock.recv(_READ_BYTES, socket.MSG_DONTWAIT)
@@ -83,20 +90,28 @@ class Channel:
                 raise ChannelError(f"cannot read from the peer: {exc}") from exc
             self.closed = not data
             self._pending += data
+            if len(data) < _READ_BYTES:
+                break  # drained; what comes later makes the fd readable again
         return self._split()
 
     def _split(self) -> list[list[bytes]]:
         messages, view, at = [], memoryview(self._pending), 0
-        while len(view) - at >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(view, at)
-            if length > MAX_RECORD_BYTES:
-                raise ChannelError(f"a record of {length} bytes, expected at most {MAX_RECORD_BYTES}")
-            if len(view) - at - _LENGTH.size < length:
-                break
-            start = at + _LENGTH.size
-            messages.append(unpack(bytes(view[start:start + length])))
-            at = start + length
-        view.release()
+        try:
+            while len(view) - at >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(view, at)
+                if length > MAX_RECORD_BYTES:
+                    raise ChannelError(f"a record of {length} bytes, expected at most {MAX_RECORD_BYTES}")
+                if len(view) - at - _LENGTH.size < length:
+                    break
+                start = at + _LENGTH.size
+                messages.append(unpack(bytes(view[start:start + length])))
+                at = start + length
+        except ChannelError as exc:
+            if not messages:
+                raise
+            self._refused = exc
+        finally:
+            view.release()
         del self._pending[:at]
         return messages
 

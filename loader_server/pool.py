@@ -45,6 +45,9 @@ class WorkerPool:
                                  name=f"ringfeed-worker-{worker_id}", daemon=True)
         try:
             proc.start()
+        except BaseException:
+            broker_end.close()
+            raise
         finally:
             worker_end.close()  # the worker has its own copy; ours would hide the worker's exit
         self.procs[worker_id] = proc
@@ -76,7 +79,8 @@ class WorkerPool:
 
     def kill(self, worker_id: int) -> None:
         """SIGKILL a worker that broke its link; its sentinel then reports it as dead."""
-        self.procs[worker_id].kill()
+        if worker_id in self.procs:
+            self.procs[worker_id].kill()
 
     def pid(self, worker_id: int) -> int | None:
         proc = self.procs.get(worker_id)

@@ -13,7 +13,7 @@ Shutdown protocol, the one place it is written down:
 2. Every worker is sent STOP (a sentinel task).
 3. ``join(JOIN_TIMEOUT_S)``, then terminate, then kill what is left.
 4. Sockets close with zero linger; the ring and data segments are unlinked;
-   the ipc socket files and the state file are removed.
+   the client endpoint's ipc socket file and the state file are removed.
 
 Steps 2-4 also run when start-up fails part way. ``Service.stop`` is
 idempotent, and a server killed outright is cleaned up by the next start

@@ -27,6 +27,7 @@ import os
 import select
 import signal
 import socket
+import sys
 import time
 import traceback
 from collections import deque
@@ -71,8 +72,9 @@ def worker_main(spec: WorkerSpec, link: socket.socket) -> None:
     try:
         channel.send(protocol.worker_hello(spec.worker_id, os.getpid()))
         _serve(channel, maker, ring, spec.parent_pid)
-    except ChannelError:
-        pass  # the broker is gone or stopping; PDEATHSIG or the ppid check ends the rest
+    except ChannelError as exc:  # the broker is gone, or stopped reading for SEND_TIMEOUT_S
+        print(f"ringfeed worker {spec.worker_id} (pid {os.getpid()}): {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         channel.close()
 
