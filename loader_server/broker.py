@@ -1,12 +1,11 @@
 """The broker: one ZeroMQ poll loop that owns every slot's state.
 
 Clients talk to the frontend ROUTER; each worker has a socketpair of its own
-(``channel.py``), which sits in the same poller with the worker's process
-sentinel. Each pass of the loop handles what
-arrived, then ``_schedule`` hands tasks to warm workers with spare capacity
-while there are FREE slots and started clients with unused credit, and
-``_deliver`` sends READY slots to their client in batch order (or as they
-finish, when ``ordered`` is off).
+(``channel.py``), polled next to the worker's process sentinel. Each pass of
+the loop handles what arrived, then ``_schedule`` hands tasks to warm workers
+with spare capacity while there are FREE slots and started clients with
+unused credit, and ``_deliver`` sends READY slots to their client in batch
+order (or as they finish, when ``ordered`` is off).
 
 Delivery is a slot descriptor for clients that map the ring: written to the
 client's shared-memory mailbox ("mailbox" mode, with a WAKE message only when
