@@ -46,7 +46,7 @@ from .security import client_curve_options
 POLL_S = 0.02
 PEEKED_BATCHES = 2
 DEFAULT_TIMEOUT_S = 5.0
-DEFAULT_PREFETCH = 8
+DEFAULT_PREFETCH = 16  # the server grants at most half its ring
 TRANSPORTS = ("auto", "shm", "frames")
 _MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)

@@ -50,6 +50,9 @@ def load_path(data: str) -> tuple[np.ndarray, np.ndarray]:
                 raise ConfigError(f"data folder {data!r} has no {name}") from None
             except ValueError as exc:
                 raise ConfigError(f"{path / name} is not a readable .npy array: {exc}") from None
+            if not arrays[-1].flags.c_contiguous:  # the kernels read whole rows as flat runs
+                raise ConfigError(f"{path / name} is stored in Fortran order; expected C order "
+                                  "(save it with np.save(path, np.ascontiguousarray(array)))")
         return arrays[0], arrays[1]
     if path.suffix == ".npz" and path.is_file():
         try:

@@ -8,10 +8,12 @@ FILLING for this worker; the worker writes the batch there and answers W_DONE,
 or W_ERROR with its traceback. It never changes slot states itself. A TASK
 message may carry several tasks, which the worker queues and runs in order.
 Finished batches are reported together while, since the last report, they
-took under ``DONE_COALESCE_S`` in all and another task is queued: each report
-wakes the broker, which costs tens of microseconds of CPU that a small host
-takes from the workers. A batch slower than that is reported at once; a slow
-batch right after quick ones delays their report once.
+took under ``DONE_COALESCE_S`` in all and more tasks are queued than are
+waiting to be reported: each report wakes the broker, which costs tens of
+microseconds of CPU that a small host takes from the workers, but the credit
+a report frees must come back as new tasks before the queue runs dry. A batch
+slower than that is reported at once; a slow batch right after quick ones
+delays their report once.
 
 Workers run at ``worker_nice``: when a trainer on the same host wants the
 CPU, its threads win, and the ring's prefetched batches cover the difference;
@@ -45,7 +47,7 @@ from .ring import Layout, Ring
 from .sources import SourceRef
 
 POLL_MS = 500
-DONE_COALESCE_S = 0.004  # batches of a few ms are reported in pairs, tiny ones by the queueful
+DONE_COALESCE_S = 0.004  # how late a report may be; quick batches go by half the queue
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ def worker_main(spec: WorkerSpec, link: socket.socket) -> None:
 
 def _serve(channel: Channel, maker: BatchMaker, ring: Ring, parent_pid: int) -> None:
     """Run tasks in the order they came. A finished batch is reported at once, unless the
-    batches since the last report took under ``DONE_COALESCE_S`` and another task is queued."""
+    batches since the last report took under ``DONE_COALESCE_S`` and are fewer than the
+    tasks still queued."""
     waiter = select.poll()
     waiter.register(channel.fileno(), select.POLLIN)
     tasks: deque[protocol.TaskMsg] = deque()
@@ -106,7 +109,7 @@ def _serve(channel: Channel, maker: BatchMaker, ring: Ring, parent_pid: int) -> 
             continue
         first_start = first_start if done else started
         done.append((task.slot, skipped))
-        if not tasks or time.perf_counter() - first_start >= DONE_COALESCE_S:
+        if len(done) >= len(tasks) or time.perf_counter() - first_start >= DONE_COALESCE_S:
             _report(channel, done)
 
 

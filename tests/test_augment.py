@@ -69,6 +69,24 @@ def test_gather_copy_matches_numpy_indexing_with_whole_rows_padding_and_flips(co
         np.testing.assert_array_equal(out[b], np.where(inside[..., None], expected, 0), err_msg=f"sample {b}")
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_gather_convert_matches_numpy_with_whole_rows_padding_and_flips(compiled):
+    src = rgb_images(B, size=12)
+    idx = np.array([3, 0, 5, 1, 2, 4])
+    ay, ax = np.array([0, 4, -3, 2, 9, 0]), np.array([0, 11, 2, -2, 11, 7])
+    sy, sx = np.array([1, 1, 1, 1, -1, 1]), np.array([1, -1, 1, 1, -1, -1])
+    scale, shift = np.float32([0.5, 2, 1]), np.float32([0, 1, -1])
+    out = np.full((B, 8, 8, 3), np.nan, np.float32)
+    kernel = kernels.gather_convert if compiled else python_version(kernels.gather_convert)
+    kernel(src, idx, ay, ax, sy, sx, scale, shift, out)
+    for b in range(B):
+        ys, xs = ay[b] + sy[b] * np.arange(8), ax[b] + sx[b] * np.arange(8)
+        inside = ((ys >= 0) & (ys < 12))[:, None] & ((xs >= 0) & (xs < 12))[None, :]
+        pixels = src[idx[b]][np.clip(ys, 0, 11)[:, None], np.clip(xs, 0, 11)[None, :]].astype(np.float32)
+        expected = np.where(inside[..., None], pixels * scale + shift, shift)
+        np.testing.assert_array_equal(out[b], expected, err_msg=f"sample {b}")
+
+
 def _run(specs, features, compiled=True, idx=None, epoch=0):
     pipe = Pipeline(specs, features.shape[1:], features.dtype, compiled)
     idx = np.arange(B) if idx is None else idx

@@ -315,7 +315,10 @@ def test_a_batch_that_kills_its_worker_is_reported_after_three_deaths_and_the_st
     augment = ({"op": "normalize", "mean": 0.0, "std": 1.0},
                {"op": "custom", "fn": "custom_ops:segfault", "params": [0.9]})
     config = Config(batch_size=8, workers=2, name=name, seed=4, augment=augment)
-    with Service(config, features=images, labels=np.arange(64)) as svc, Feed(svc.endpoint, timeout_s=30) as feed:
+    # prefetch 2: the 6 batches read and the 2 asked for after them are all of epoch 0, so
+    # epoch 1's batch with the poisoned sample is never made
+    with Service(config, features=images, labels=np.arange(64)) as svc, \
+            Feed(svc.endpoint, timeout_s=30, prefetch=2) as feed:
         got = []
         for _ in range(6):
             try:

@@ -66,7 +66,8 @@ def test_fan_in_goes_on_when_a_server_dies(name, caplog):
     images, labels = rgb_images(480, 16), np.arange(480)
     services = _three_servers(name, images, labels)
     try:
-        with Feed([s.endpoint for s in services], transport="frames", timeout_s=1.0) as feed:
+        # prefetch 2: the killed server still owes most of its shard of epoch 0
+        with Feed([s.endpoint for s in services], transport="frames", timeout_s=1.0, prefetch=2) as feed:
             got = take(feed, 6)
             os.kill(services[1].pid, signal.SIGKILL)
             gen = feed.generator()

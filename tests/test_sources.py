@@ -53,6 +53,14 @@ def test_bad_paths(tmp_path):
         sources.load_path(str(tmp_path / "other.npz"))
 
 
+
+def test_a_fortran_ordered_npy_is_refused_by_name(tmp_path):
+    np.save(tmp_path / "features.npy", np.asfortranarray(np.zeros((10, 4, 4, 3), np.uint8)))
+    np.save(tmp_path / "labels.npy", np.arange(10))
+    with pytest.raises(ConfigError, match=r"features.npy is stored in Fortran order; expected C order"):
+        sources.load_path(str(tmp_path))
+
+
 def test_space_check_refuses_more_than_free():
     with pytest.raises(ConfigError, match="shm_size"):
         shm.check_space(shm.free_bytes() + 1, "a huge ring")
