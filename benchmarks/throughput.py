@@ -359,7 +359,7 @@ def main() -> None:
     args = benchlib.parse(p)
     seconds = args.seconds or (0.25 if args.quick else 3.0)
     samples = args.samples or (2048 if args.quick else 20000)
-    warmup = 2 if args.quick else 8  # untimed batches per round: covers ringfeed's prefetch and slots
+    warmup = 2 if args.quick else 16  # untimed batches per round: covers ringfeed's prefetch
     cores = os.cpu_count() or 1
 
     features, labels = benchlib.make_images(samples)
