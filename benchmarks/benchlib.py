@@ -81,16 +81,17 @@ def service_name(bench: str, tag: str) -> str:
     return f"bench-{bench}-{os.getpid()}-{tag}"
 
 
-def ringfeed_services(stack, bench: str, kinds, features, labels):
+def ringfeed_services(stack, bench: str, kinds, features, labels, counts=None, **options):
     """A service of its own for each kind of ringfeed contender and worker count (an idle
-    feed holds slots of its service, so feeds never share one): yields (kind, workers, endpoint)."""
+    feed holds slots of its service, so feeds never share one): yields (kind, workers, endpoint).
+    ``options`` are further ``Config`` options."""
     from loader_server import Config, Service
 
-    for w in worker_counts():
+    for w in counts or worker_counts():
         for kind in kinds:
             log(f"starting a ringfeed service with {w} worker(s) for {kind.__name__}")
             config = Config(batch_size=BATCH, workers=w, seed=SEED, augment=AUGMENT,
-                            name=service_name(bench, f"{kind.__name__}-w{w}"))
+                            name=service_name(bench, f"{kind.__name__}-w{w}"), **options)
             yield kind, w, stack.enter_context(Service(config, features=features, labels=labels)).endpoint
 
 

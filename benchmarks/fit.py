@@ -6,7 +6,10 @@ each contender. The same model on one repeated in-memory batch is the ceiling:
 what the trainer does when data costs nothing. The generator path is the same
 batch yielded by a Python generator: what Keras' per-step Python (a
 ``from_generator`` reader and the hand-over to the step) costs, on every
-input that is a generator, ringfeed's included, before any loading.
+input that is a generator, ringfeed's included, before any loading. The
+generator ring yields ``RING_BATCHES`` distinct in-memory batches in turn, as
+a ring of slots would: batches that are no longer hot in cache, and, as numpy
+allocates them, not 64-byte aligned, so TensorFlow copies them.
 
 Each contender gets its own freshly initialised model (same seed), traced by an
 untimed fit first. Then rounds, round-robin: one ``model.fit`` per contender per
@@ -32,6 +35,8 @@ from contextlib import ExitStack
 
 import benchlib
 from benchlib import AUGMENT, BATCH, CLASSES, CROP, IMAGE, SEED, log
+
+RING_BATCHES = 32  # the default ring's slots for 2 workers
 
 
 class Input:
@@ -79,6 +84,24 @@ class GeneratorPath(Ceiling):
                 yield self.batch
 
         return repeat()
+
+
+class GeneratorRing(Ceiling):
+    def __init__(self, features, labels):
+        import numpy as np
+
+        super().__init__(features, labels)
+        self.name = "generator-ring"
+        self.label = f"model alone, {RING_BATCHES} in-memory batches in turn from a Python generator"
+        rng = np.random.default_rng(SEED)
+        self.batches = [benchlib.classic_batch(features, labels, rng) for _ in range(RING_BATCHES)]
+
+    def data(self, round_: int):
+        def turn():
+            while True:
+                yield from self.batches
+
+        return turn()
 
 
 class TfData(Input):
@@ -204,8 +227,8 @@ def main() -> None:
                              model="Conv2D(16, 3, strides=2, relu) -> GlobalAveragePooling2D -> Dense(10), adam",
                              augment=AUGMENT)
     with ExitStack() as stack:
-        inputs: list[Input] = [Ceiling(features, labels), GeneratorPath(features, labels), TfData(features, labels),
-                               Classic(features, labels)]
+        inputs: list[Input] = [Ceiling(features, labels), GeneratorPath(features, labels),
+                               GeneratorRing(features, labels), TfData(features, labels), Classic(features, labels)]
         for kind, w, endpoint in benchlib.ringfeed_services(stack, "fit", (RingfeedGenerator, RingfeedTfDataset),
                                                             features, labels):
             inputs.append(kind(endpoint, w))

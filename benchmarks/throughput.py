@@ -283,6 +283,16 @@ class RingfeedGenerator(Contender):
         self.feed.close()
 
 
+class RingfeedPrivate(RingfeedGenerator):
+    """The generator of a service whose workers read their own copies of the dataset
+    (``private_data``), in transparent huge pages."""
+
+    def __init__(self, endpoint: str, workers: int):
+        super().__init__(endpoint, workers)
+        self.name = f"ringfeed-private-generator-w{workers}"
+        self.label = f"ringfeed generator(), {workers} workers, private_data"
+
+
 class RingfeedTfDataset(RingfeedGenerator):
     def __init__(self, endpoint: str, workers: int):
         super().__init__(endpoint, workers)
@@ -385,6 +395,9 @@ def main() -> None:
         ringfeed: list[Contender] = []
         for kind, w, endpoint in benchlib.ringfeed_services(stack, "tp", (RingfeedGenerator, RingfeedTfDataset),
                                                             features, labels):
+            ringfeed.append(kind(endpoint, w))
+        for kind, w, endpoint in benchlib.ringfeed_services(stack, "tp", (RingfeedPrivate,), features, labels,
+                                                            counts=[cores], private_data=True):
             ringfeed.append(kind(endpoint, w))
         rest = [ClassicGenerator(features, labels), NumbaInProcess(features, labels, False),
                 NumbaInProcess(features, labels, True), TfData(features, labels)] + ringfeed

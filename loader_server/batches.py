@@ -34,6 +34,8 @@ class SampleError(Exception):
 class BatchMaker:
     def __init__(self, config: Config, source: SourceRef):
         self.features, self.labels = open_ref(source)
+        if config.private_data:  # numpy puts large arrays in huge pages; /dev/shm may not have them
+            self.features = np.array(self.features)
         self.config = config
         self.sampler = Sampler(len(self.features), config.batch_size, config.seed, config.sampling,
                                config.steps_per_epoch)

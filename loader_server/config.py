@@ -47,6 +47,7 @@ class Config:
     on_error: str = "raise"
     augment: tuple = ()
     jit: bool = True
+    private_data: bool = False
     threads_per_worker: int = 1
     worker_nice: int = 10
     heartbeat_s: float = 1.0
@@ -79,8 +80,9 @@ class Config:
             raise ConfigError(f"sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
         if self.on_error not in ON_ERROR_MODES:
             raise ConfigError(f"on_error must be one of {ON_ERROR_MODES}, got {self.on_error!r}")
-        if not isinstance(self.ordered, bool) or not isinstance(self.jit, bool):
-            raise ConfigError(f"ordered and jit must be true or false, got {self.ordered!r}, {self.jit!r}")
+        for option in ("ordered", "jit", "private_data"):
+            if not isinstance(getattr(self, option), bool):
+                raise ConfigError(f"{option} must be true or false, got {getattr(self, option)!r}")
         if not isinstance(self.name, str) or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"name must be letters, digits, '-' or '_', got {self.name!r}")
         if self.data is not None and not isinstance(self.data, str):

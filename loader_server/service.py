@@ -68,7 +68,7 @@ def prepare_source(config: Config, token: str) -> tuple[sources.SourceRef, list[
         raise ConfigError("no data: give --data PATH (a folder with features.npy and labels.npy, "
                           "or an .npz file)")
     features, labels = sources.load_path(config.data)
-    sources.validate(features, labels, config.batch_size)
+    sources.validate_for(config, features, labels)
     if isinstance(features, np.memmap):
         path = Path(config.data)
         return sources.SourceRef(str(path / "features.npy"), str(path / "labels.npy")), []
@@ -207,7 +207,7 @@ class Service:
     def start(self) -> "Service":
         source = None
         if self._arrays is not None:
-            sources.validate(*self._arrays, self.config.batch_size)
+            sources.validate_for(self.config, *self._arrays)
             segment = shm.segment_name(os.getpid(), secrets.token_hex(4), "data")
             source = sources.publish(*self._arrays, segment)
             self._segments.append(segment)

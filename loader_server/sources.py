@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import shm
-from .config import ConfigError
+from .config import Config, ConfigError
 
 FEATURE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 _ALIGN = 64
@@ -82,6 +82,29 @@ def validate(features: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
         raise ConfigError(f"features and labels differ in length: {len(features)} != {len(labels)}")
     if len(features) < batch_size:
         raise ConfigError(f"batch_size {batch_size} is larger than the dataset ({len(features)} samples)")
+
+
+def validate_for(config: Config, features: np.ndarray, labels: np.ndarray) -> None:
+    validate(features, labels, config.batch_size)
+    if config.private_data:
+        check_private_copies(features.nbytes, config.workers)
+
+
+def check_private_copies(nbytes: int, workers: int, available: int | None = None) -> None:
+    """Refuse ``private_data`` when the workers' copies would take over half the available memory."""
+    available = _mem_available() if available is None else available
+    if workers * nbytes > available // 2:
+        raise ConfigError(f"private_data: {workers} workers x {nbytes / 2**20:,.0f} MiB of features is "
+                          f"{workers * nbytes / 2**20:,.0f} MiB, more than half the "
+                          f"{available / 2**20:,.0f} MiB of available memory; turn private_data off")
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise ConfigError("private_data needs /proc/meminfo (Linux) to check that the copies fit")
 
 
 def _aligned(n: int) -> int:

@@ -76,7 +76,7 @@ def ringfeed_names(*kinds: str) -> set[str]:
 def test_throughput_measures_every_contender(throughput, out):
     torch_names = {"torch-per-sample", "torch-numba-batch"}
     expected = {"classic-generator", "numba-1-thread", "numba-all-cores", "tf.data", "keras-pydataset"} \
-        | ringfeed_names("generator", "tf-dataset")
+        | ringfeed_names("generator", "tf-dataset") | {f"ringfeed-private-generator-w{os.cpu_count()}"}
     measured = {row["name"]: row for row in throughput["contenders"]}
     skipped = {row["name"] for row in throughput["skipped"]}
     if importlib.util.find_spec("torch") is None:
@@ -94,7 +94,7 @@ def test_throughput_measures_every_contender(throughput, out):
 
 
 def test_fit_measures_every_input(fit):
-    untimed = {"ceiling", "generator-path", "tf.data"}
+    untimed = {"ceiling", "generator-path", "generator-ring", "tf.data"}
     expected = untimed | {"classic-generator"} | ringfeed_names("generator", "tf-dataset")
     rows = {row["name"]: row for row in fit["inputs"]}
     assert set(rows) == expected
@@ -118,11 +118,13 @@ def test_delivery_measures_every_route(delivery):
 
 def test_remote_measures_raw_pyzmq_and_every_ringfeed_route(remote):
     rows = {row["name"]: row for row in remote["contenders"]}
-    assert set(rows) == {"raw pyzmq tcp", "raw pyzmq tcp, 16 buffers in turn", "ringfeed tcp frames",
+    assert set(rows) == {"raw pyzmq tcp", "raw pyzmq tcp, 16 buffers in turn",
+                         "raw pyzmq tcp, sender makes each batch (1 core)", "ringfeed tcp frames",
                          "ringfeed shm (same server)", "ringfeed 3 servers fan-in"}
     assert rows["raw pyzmq tcp"]["ratio_to_raw_pyzmq"] == pytest.approx(1.0)
     for name, row in rows.items():
         assert row["median_mb_per_s"] > 0 and row["ratio_to_raw_ring_buffers"] > 0
+        assert row["ratio_to_raw_sender_making_batches"] > 0
         assert len(row["rounds_mb_per_s"]) == QUICK_ROUNDS
         assert (row["median_samples_per_s"] is None) == name.startswith("raw pyzmq")
 

@@ -15,6 +15,8 @@ from loader_server.config import Config, ConfigError, from_mapping, load_toml
     ({"name": "a b"}, "name must be letters"),
     ({"worker_nice": 20}, "worker_nice must be at most 19 (the lowest priority), got 20"),
     ({"worker_nice": -1}, "worker_nice must be an integer >= 0, got -1"),
+    ({"private_data": "yes"}, "private_data must be true or false, got 'yes'"),
+    ({"ordered": 1}, "ordered must be true or false, got 1"),
 ])
 def test_bad_options_name_the_value(options, fragment):
     with pytest.raises(ConfigError) as err:

@@ -46,15 +46,16 @@ def test_batches_are_byte_identical_for_any_worker_count(name):
     augment = [*IMAGENET[:2], {"op": "brightness", "max_delta": 0.1}, IMAGENET[2],
                {"op": "gaussian_noise", "std": 0.05}]
     digests = {}
-    for workers in (1, 2, 3):
-        config = Config(batch_size=16, workers=workers, name=f"{name}{workers}", seed=11, augment=augment)
+    for workers, private in ((1, False), (2, False), (3, False), (2, True)):
+        config = Config(batch_size=16, workers=workers, name=f"{name}{workers}{private:d}", seed=11,
+                        augment=augment, private_data=private)
         with Service(config, features=images, labels=np.arange(600)) as svc, Feed(svc.endpoint) as feed:
             digest = hashlib.sha256()
             for x, y in take(feed, 20):
                 digest.update(x.tobytes())
                 digest.update(y.tobytes())
-            digests[workers] = digest.hexdigest()
-    assert digests[1] == digests[2] == digests[3]
+            digests[workers, private] = digest.hexdigest()
+    assert len(set(digests.values())) == 1, digests
 
 
 def _assert_intact(x, y, images):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from loader_server import shm, sources
-from loader_server.config import ConfigError
+from loader_server.config import Config, ConfigError
 
 
 def test_folder_is_memory_mapped(tmp_path):
@@ -59,6 +59,25 @@ def test_a_fortran_ordered_npy_is_refused_by_name(tmp_path):
     np.save(tmp_path / "labels.npy", np.arange(10))
     with pytest.raises(ConfigError, match=r"features.npy is stored in Fortran order; expected C order"):
         sources.load_path(str(tmp_path))
+
+
+def test_private_data_gives_a_worker_its_own_copy_and_is_refused_past_half_the_memory():
+    from loader_server.batches import BatchMaker
+
+    features = np.random.default_rng(0).integers(0, 255, (16, 4, 4, 3), np.uint8)
+    segment = shm.segment_name(1, "abce", "data")
+    ref = sources.publish(features, np.arange(16), segment)
+    try:
+        shared = BatchMaker(Config(batch_size=4, workers=1), ref).features
+        private = BatchMaker(Config(batch_size=4, workers=1, private_data=True), ref).features
+        assert not shared.flags.owndata and private.flags.owndata
+        assert np.array_equal(private, features)
+        del shared, private
+    finally:
+        shm.unlink(segment)
+    sources.check_private_copies(100, workers=2, available=400)
+    with pytest.raises(ConfigError, match=r"private_data: 3 workers x .* more than half the"):
+        sources.check_private_copies(100, workers=3, available=400)
 
 
 def test_space_check_refuses_more_than_free():
