@@ -215,11 +215,11 @@ def summarize(inputs: list[Input]) -> list[dict]:
 def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0], rounds=5, quick_rounds=2)
     p.add_argument("--steps", type=int, help="timed steps per fit (default 300, 15 quick)")
-    p.add_argument("--warmup", type=int, help="untimed steps at the start of each fit (default 10, 3 quick)")
+    p.add_argument("--warmup", type=int, help="untimed steps at the start of each fit (default 20, 3 quick)")
     p.add_argument("--samples", type=int, help="dataset size (default 20000, 2048 quick)")
     args = benchlib.parse(p)
     steps = args.steps or (15 if args.quick else 300)
-    warmup = args.warmup or (3 if args.quick else 10)
+    warmup = args.warmup or (3 if args.quick else 20)  # past the 16 batches a feed prefetches
     samples = args.samples or (2048 if args.quick else 20000)
 
     features, labels = benchlib.make_images(samples)

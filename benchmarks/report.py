@@ -122,8 +122,10 @@ def remote_section(result: dict) -> list[str]:
             "float32 samples already 56×56×3, no augmentation (workers only gather)")
     lines = [f"**Remote delivery, {s['workload']}** (`benchmarks/remote.py --workload {s['workload']}`): "
              f"loopback TCP, batch {s['batch_size']} of {what}, {s['batch_bytes'] / 1e6:.1f} MB a batch; "
-             f"raw pyzmq pushes one preallocated buffer with `copy=False`, or 16 in turn, as a ring would, "
-             f"or makes each batch on one core before sending it, as a hand-written loader would; "
+             f"raw pyzmq pushes one preallocated buffer with `copy=False`, or 16 in turn, as a ring would"
+             + (", or makes each batch on one core before sending it, as a hand-written loader would"
+                if any("ratio_to_raw_sender_making_batches" in r for r in result["contenders"]) else "")
+             + "; "
              f"median of {result['rounds']} rounds ({run_line(result)}). "
              f"Target: ringfeed TCP ≥ {s['targets']['tcp_vs_raw']:g}× raw.", ""]
     lines += table(["contender", "MB/s", "vs raw pyzmq", "vs raw, 16 buffers", "vs raw, sender makes batches"],

@@ -36,6 +36,7 @@ class BatchMaker:
         self.features, self.labels = open_ref(source)
         if config.private_data:  # numpy puts large arrays in huge pages; /dev/shm may not have them
             self.features = np.array(self.features)
+            self.features.flags.writeable = False  # as the shared view: the kernels compiled for it serve
         self.config = config
         self.sampler = Sampler(len(self.features), config.batch_size, config.seed, config.sampling,
                                config.steps_per_epoch)

@@ -46,7 +46,7 @@ log = logging.getLogger("ringfeed.broker")
 
 TICK_S = 0.1
 TRANSIT_POLL_S = 0.0005
-WORKER_INFLIGHT = 8
+WORKER_INFLIGHT = 16  # a feed's default credit: one worker alone can hold all of it
 RATE_WINDOW_S = 5.0
 CLIENT_TIMEOUT_FACTOR = 1.5
 LOCAL_CLIENT_SILENCE_S = 60.0

@@ -68,11 +68,11 @@ class Config:
         _check_number("heartbeat_s", self.heartbeat_s, 0.0)
         _check_number("start_timeout_s", self.start_timeout_s, 0.0)
         if self.slots is None:
-            # A client's credit is at most half the ring, and it must cover the batches made
-            # while finished work is reported and its credit comes back: with 1.3 ms batches,
-            # 8 left two workers idle 20% of the time, 16 under 10%. The other half holds the
-            # batches Keras keeps and the tasks in flight per worker.
-            object.__setattr__(self, "slots", max(32, 8 * self.workers + 16))
+            # A client's credit (tasks in flight included) is at most half the ring, and a feed's
+            # default prefetch of 16 covers the batches made while finished work is reported and
+            # its credit comes back (with 8, two workers making 1.3 ms batches idled 20% of the
+            # time). The other half holds the batches trainers keep, and other feeds' credit.
+            object.__setattr__(self, "slots", max(32, 4 * self.workers + 8))
         _check_int("slots", self.slots, 3)
         if self.steps_per_epoch is not None:
             _check_int("steps_per_epoch", self.steps_per_epoch, 1)

@@ -30,6 +30,7 @@ import secrets
 import signal
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,7 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
     try:
         if source is None:
             source, owned = prepare_source(config, token)
-        maker = BatchMaker(config, source)
+        maker = BatchMaker(replace(config, private_data=False), source)  # workers make the copies
         x_shape = (config.batch_size, *maker.pipeline.out_shape)
         y_shape = (config.batch_size, *maker.labels.shape[1:])
         x, y = np.empty(x_shape, maker.pipeline.out_dtype), np.empty(y_shape, maker.labels.dtype)

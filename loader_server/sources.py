@@ -50,7 +50,7 @@ def load_path(data: str) -> tuple[np.ndarray, np.ndarray]:
                 raise ConfigError(f"data folder {data!r} has no {name}") from None
             except ValueError as exc:
                 raise ConfigError(f"{path / name} is not a readable .npy array: {exc}") from None
-            if not arrays[-1].flags.c_contiguous:  # the kernels read whole rows as flat runs
+            if name == "features.npy" and not arrays[-1].flags.c_contiguous:  # kernels read flat rows
                 raise ConfigError(f"{path / name} is stored in Fortran order; expected C order "
                                   "(save it with np.save(path, np.ascontiguousarray(array)))")
         return arrays[0], arrays[1]
@@ -91,12 +91,15 @@ def validate_for(config: Config, features: np.ndarray, labels: np.ndarray) -> No
 
 
 def check_private_copies(nbytes: int, workers: int, available: int | None = None) -> None:
-    """Refuse ``private_data`` when the workers' copies would take over half the available memory."""
+    """Refuse ``private_data`` when the workers' copies and the shared one would take over half
+    the available memory (the shared one is not made yet when this runs)."""
     available = _mem_available() if available is None else available
-    if workers * nbytes > available // 2:
-        raise ConfigError(f"private_data: {workers} workers x {nbytes / 2**20:,.0f} MiB of features is "
-                          f"{workers * nbytes / 2**20:,.0f} MiB, more than half the "
-                          f"{available / 2**20:,.0f} MiB of available memory; turn private_data off")
+    copies = workers + 1
+    if copies * nbytes > available // 2:
+        raise ConfigError(f"private_data: {workers} workers' copies and the shared one of "
+                          f"{nbytes / 2**20:,.0f} MiB of features take {copies * nbytes / 2**20:,.0f} MiB, "
+                          f"more than half the {available / 2**20:,.0f} MiB of available memory; "
+                          "turn private_data off")
 
 
 def _mem_available() -> int:

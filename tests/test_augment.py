@@ -70,11 +70,14 @@ def test_gather_copy_matches_numpy_indexing_with_whole_rows_padding_and_flips(co
 
 
 @pytest.mark.parametrize("compiled", [True, False])
-def test_gather_convert_matches_numpy_with_whole_rows_padding_and_flips(compiled):
-    src = rgb_images(B, size=12)
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_gather_convert_matches_numpy_with_whole_rows_padding_and_flips(compiled, dtype):
+    src = rgb_images(B, size=12).astype(dtype)
     idx = np.array([3, 0, 5, 1, 2, 4])
-    ay, ax = np.array([0, 4, -3, 2, 9, 0]), np.array([0, 11, 2, -2, 11, 7])
-    sy, sx = np.array([1, 1, 1, 1, -1, 1]), np.array([1, -1, 1, 1, -1, -1])
+    # whole rows ending at the edge; flipped whole rows; flipped rows partly outside, under
+    # padded rows; unflipped rows partly outside; rows read bottom up
+    ay, ax = np.array([0, 4, -3, 2, 9, 0]), np.array([4, 11, 13, -2, 11, 7])
+    sy, sx = np.array([1, 1, 1, 1, -1, 1]), np.array([1, -1, -1, 1, -1, -1])
     scale, shift = np.float32([0.5, 2, 1]), np.float32([0, 1, -1])
     out = np.full((B, 8, 8, 3), np.nan, np.float32)
     kernel = kernels.gather_convert if compiled else python_version(kernels.gather_convert)

@@ -30,9 +30,12 @@ def test_unknown_option_is_refused():
 
 
 def test_defaults_resolve_endpoint_and_slots():
+    from client.feed import DEFAULT_PREFETCH
+
     config = Config(workers=4, name="abc")
     assert config.endpoint.startswith("ipc://") and config.endpoint.endswith("abc.sock")
     assert config.slots >= 2 * config.workers
+    assert Config(workers=1).slots // 2 >= DEFAULT_PREFETCH  # the server grants a feed all it asks
 
 
 def test_toml_with_flags_over_it(tmp_path):

@@ -114,7 +114,7 @@ time.sleep(600)
 def test_a_killed_client_gives_its_slots_back_and_others_carry_on(name):
     config = Config(batch_size=8, workers=2, slots=10, name=name, heartbeat_s=1.0)
     with Service(config, features=rgb_images(400, 16), labels=np.arange(400)) as svc, \
-            Feed(svc.endpoint) as other:
+            Feed(svc.endpoint, prefetch=2) as other:
         victim = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, svc.endpoint], stdout=subprocess.PIPE,
                                   text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
         try:

@@ -53,7 +53,6 @@ def test_bad_paths(tmp_path):
         sources.load_path(str(tmp_path / "other.npz"))
 
 
-
 def test_a_fortran_ordered_npy_is_refused_by_name(tmp_path):
     np.save(tmp_path / "features.npy", np.asfortranarray(np.zeros((10, 4, 4, 3), np.uint8)))
     np.save(tmp_path / "labels.npy", np.arange(10))
@@ -70,14 +69,14 @@ def test_private_data_gives_a_worker_its_own_copy_and_is_refused_past_half_the_m
     try:
         shared = BatchMaker(Config(batch_size=4, workers=1), ref).features
         private = BatchMaker(Config(batch_size=4, workers=1, private_data=True), ref).features
-        assert not shared.flags.owndata and private.flags.owndata
+        assert not shared.flags.owndata and private.flags.owndata and not private.flags.writeable
         assert np.array_equal(private, features)
         del shared, private
     finally:
         shm.unlink(segment)
-    sources.check_private_copies(100, workers=2, available=400)
-    with pytest.raises(ConfigError, match=r"private_data: 3 workers x .* more than half the"):
-        sources.check_private_copies(100, workers=3, available=400)
+    sources.check_private_copies(100, workers=2, available=600)
+    with pytest.raises(ConfigError, match=r"private_data: 3 workers' copies and the shared one .* more than half"):
+        sources.check_private_copies(100, workers=3, available=600)
 
 
 def test_space_check_refuses_more_than_free():

@@ -58,7 +58,11 @@ class Pipeline:
         self._frame = frame
 
     def run(self, features: np.ndarray, idx: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
-        """Write the augmented samples ``features[idx]`` into ``out`` (B, *out_shape)."""
+        """Write the augmented samples ``features[idx]`` into ``out`` (B, *out_shape); both must
+        be C-contiguous, as the dataset sources and ring slots are."""
+        if not (features.flags.c_contiguous and out.flags.c_contiguous):
+            raise ValueError("Pipeline.run needs C-contiguous features and out, got "
+                             f"{features.flags.c_contiguous} and {out.flags.c_contiguous}")
         batch = len(idx)
         src = features if features.ndim == 4 else features.reshape(len(features), 1, 1, -1)
         dst = out.reshape(batch, self._frame.h, self._frame.w, self._frame.c)
