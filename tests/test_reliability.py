@@ -78,7 +78,9 @@ EXPLODE = ({"op": "normalize", "mean": 0.0, "std": 1.0},
 def test_on_error_skip_replaces_the_sample_and_counts_it(name):
     images, poisoned = _poisoned_images(seed=4)
     config = Config(batch_size=8, workers=2, name=name, seed=4, augment=EXPLODE, on_error="skip")
-    with Service(config, features=images, labels=np.arange(64)) as svc, Feed(svc.endpoint) as feed:
+    # prefetch 2: past epoch 0, only batches 0 and 1 of epoch 1 are made; its poisoned one is 6
+    with Service(config, features=images, labels=np.arange(64)) as svc, \
+            Feed(svc.endpoint, prefetch=2) as feed:
         got = take(feed, feed.steps_per_epoch)
         status = query_status(svc.endpoint)
     ids = np.concatenate([y for _, y in got])
