@@ -204,11 +204,15 @@ def summarize(inputs: list[Input]) -> list[dict]:
                      "median_steps_per_s": benchlib.median(r["steps_per_s"] for r in s.rounds),
                      "median_stall_share": None if None in stalls else benchlib.median(stalls),
                      "rounds": s.rounds})
-    by_name = {r["name"]: r["median_steps_per_s"] for r in rows}
+    # This host slows down by up to half for minutes at a time. One round's fits run close
+    # together, so each ratio is the median over rounds of that round's ratio, which such drifts
+    # move far less than a ratio of medians taken from different rounds.
+    by_name = {s.name: [r["steps_per_s"] for r in s.rounds] for s in inputs}
     for row in rows:
-        row["ratio_to_ceiling"] = benchlib.ratio(row["median_steps_per_s"], by_name["ceiling"])
-        row["ratio_to_tf_data"] = benchlib.ratio(row["median_steps_per_s"], by_name["tf.data"])
-        row["ratio_to_generator_path"] = benchlib.ratio(row["median_steps_per_s"], by_name["generator-path"])
+        own = [r["steps_per_s"] for r in row["rounds"]]
+        for key, reference in (("ratio_to_ceiling", "ceiling"), ("ratio_to_tf_data", "tf.data"),
+                               ("ratio_to_generator_path", "generator-path")):
+            row[key] = benchlib.median(a / b for a, b in zip(own, by_name[reference]))
     return rows
 
 
