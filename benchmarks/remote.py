@@ -105,6 +105,7 @@ def raw_sender(endpoint: str, nbytes: int, buffers: int, work: tuple | None, sto
 
 class RawZmq:
     name = "raw pyzmq tcp"
+    servers = 1
 
     @staticmethod
     def named(buffers: int, work: tuple | None = None) -> str:
@@ -145,6 +146,7 @@ class RingfeedRoute:
         from client import Feed
 
         self.name, self.batch_bytes = name, batch_bytes
+        self.servers = 1 if isinstance(endpoints, str) else len(endpoints)
         self.feed = Feed(endpoints, transport=transport, timeout_s=30)
         self._gen = self.feed.generator()
 
@@ -163,7 +165,9 @@ def main() -> None:
                         "56x56x3 and no augmentation, so workers only gather and the transport sets the rate")
     args = benchlib.parse(p)
     seconds = args.seconds or (0.5 if args.quick else 4.0)
-    warmup = 3 if args.quick else 24  # untimed: past what a feed (16) or raw pyzmq's queues (8 + 8) hold
+    # Untimed pulls: past what a feed's prefetch (16 from each of its servers) or raw pyzmq's
+    # queues (8 + 8) hold.
+    warmup = 3 if args.quick else 24
     samples = 2048 if args.quick else 20000
 
     from loader_server import Config, Service
@@ -195,7 +199,7 @@ def main() -> None:
         for r in range(args.rounds):
             shift = r % len(routes)
             for route in routes[shift:] + routes[:shift]:
-                calls, elapsed = benchlib.timed(route.pull, seconds, warmup)
+                calls, elapsed = benchlib.timed(route.pull, seconds, warmup * route.servers)
                 mb_s = calls * route.batch_bytes / elapsed / 1e6
                 rounds[route.name].append(mb_s)
                 log(f"[round {r + 1}/{args.rounds}] {route.name:<48} {mb_s:>8,.0f} MB/s")

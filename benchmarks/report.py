@@ -91,14 +91,17 @@ def fit_section(result: dict) -> list[str]:
              "The ceiling is the model alone on one in-memory batch; the generator path is that batch "
              "yielded by a Python generator, which costs Keras' per-step Python for every generator input, "
              "ringfeed's included; the generator ring yields distinct in-memory batches in turn, as a ring of "
-             "slots would, no longer hot in cache. Ratios are medians of each round's own ratio, since this "
-             "machine's speed drifts between rounds. Input stall: share of the time the input reader waited for a batch "
+             "slots would, no longer hot in cache. Ratios are of medians; since this machine's speed drifts "
+             "between rounds, \"per round\" is also the median of each round's own ratio to the ceiling. "
+             "Input stall: share of the time the input reader waited for a batch "
              "(ringfeed: `feed.stats[\"wait_s\"]`; classic generator: time inside its `next()`, where it "
              "computes); tf.data is read inside the compiled step, where no wait is visible (–)."
              + other_load_line(result["inputs"]), ""]
-    lines += table(["input", "steps/s", "vs ceiling", "vs generator path", "vs tf.data", "input stall"],
+    lines += table(["input", "steps/s", "vs ceiling", "vs ceiling, per round", "vs generator path", "vs tf.data",
+                    "input stall"],
                    [[r["label"], num(r["median_steps_per_s"], 1), times(r["ratio_to_ceiling"]),
-                     times(r["ratio_to_generator_path"]), times(r["ratio_to_tf_data"]),
+                     times(r.get("round_ratio_to_ceiling")), times(r["ratio_to_generator_path"]),
+                     times(r["ratio_to_tf_data"]),
                      share(r["median_stall_share"])] for r in result["inputs"]])
     return lines
 

@@ -100,8 +100,9 @@ def test_fit_measures_every_input(fit):
     assert set(rows) == expected
     for row in rows.values():
         assert row["median_steps_per_s"] > 0 and row["ratio_to_ceiling"] > 0 and row["ratio_to_tf_data"] > 0
-        assert row["ratio_to_generator_path"] > 0
+        assert row["ratio_to_generator_path"] > 0 and row["round_ratio_to_ceiling"] > 0
         assert len(row["rounds"]) == QUICK_ROUNDS
+    assert rows["ceiling"]["ratio_to_ceiling"] == rows["ceiling"]["round_ratio_to_ceiling"] == pytest.approx(1.0)
     for name in expected - untimed:  # generator and feed readers are timed
         assert 0 <= rows[name]["median_stall_share"] <= 1
     assert rows["tf.data"]["median_stall_share"] is None
