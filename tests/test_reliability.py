@@ -146,7 +146,8 @@ def test_server_killed_then_restarted_within_timeout_continues_the_stream(name):
     first = Service(config, features=images, labels=labels).start()
     second = None
     try:
-        with Feed(first.endpoint, timeout_s=20) as feed:
+        # A prefetch of 2, so the 7 batches after the kill cannot all come from the dead server's ring.
+        with Feed(first.endpoint, timeout_s=20, prefetch=2) as feed:
             got = take(feed, 5)
             os.kill(first.pid, signal.SIGKILL)
             second = Service(config, features=images, labels=labels).start()
