@@ -287,9 +287,13 @@ class RingfeedPrivate(RingfeedGenerator):
     """The generator of a service whose workers read their own copies of the dataset
     (``private_data``), in transparent huge pages."""
 
+    @staticmethod
+    def named(workers: int) -> str:
+        return f"ringfeed-private-generator-w{workers}"
+
     def __init__(self, endpoint: str, workers: int):
         super().__init__(endpoint, workers)
-        self.name = f"ringfeed-private-generator-w{workers}"
+        self.name = self.named(workers)
         self.label = f"ringfeed generator(), {workers} workers, private_data"
 
 
@@ -404,7 +408,7 @@ def main() -> None:
                 ringfeed.append(kind(endpoint, w))
         except ConfigError as exc:  # one copy per worker may not fit in this host's memory
             log(f"skipping the private_data contender: {exc}")
-            skipped.append({"name": f"ringfeed-private-generator-w{cores}", "reason": str(exc)})
+            skipped.append({"name": RingfeedPrivate.named(cores), "reason": str(exc)})
         rest = [ClassicGenerator(features, labels), NumbaInProcess(features, labels, False),
                 NumbaInProcess(features, labels, True), TfData(features, labels)] + ringfeed
         for c in rest:
