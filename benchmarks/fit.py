@@ -113,24 +113,31 @@ class TfData(Input):
         return self.dataset
 
 
-class Classic(Input):
-    def __init__(self, features, labels):
-        super().__init__("classic-generator", "classic Python generator")
-        self.features, self.labels = features, labels
+class TimedReader(Input):
+    """An input whose wait is the time spent inside its reader's ``next()``."""
+
+    def __init__(self, name: str, label: str, workers: int | None = None):
+        super().__init__(name, label, workers)
         self.clock = 0.0
 
-    def data(self, round_: int):
-        return self.timed(benchlib.classic_generator(self.features, self.labels, seed=SEED + round_))
-
-    def timed(self, gen):
+    def timed(self, batches):
         while True:
             start = time.perf_counter()
-            batch = next(gen)
+            batch = next(batches)
             self.clock += time.perf_counter() - start
             yield batch
 
     def waited(self) -> float:
         return self.clock
+
+
+class Classic(TimedReader):
+    def __init__(self, features, labels):
+        super().__init__("classic-generator", "classic Python generator")
+        self.features, self.labels = features, labels
+
+    def data(self, round_: int):
+        return self.timed(benchlib.classic_generator(self.features, self.labels, seed=SEED + round_))
 
 
 class RingfeedGenerator(Input):
@@ -196,7 +203,8 @@ def fit_once(model, source: Input, round_: int, warmup: int, steps: int) -> dict
             "other_load": benchlib.other_load(cpu0, cpu1, t1 - t0)}
 
 
-def summarize(inputs: list[Input]) -> list[dict]:
+def summarize(inputs: list[Input], references: dict[str, str]) -> list[dict]:
+    """One row per input; ``references`` maps each ratio's key to the input it divides by."""
     rows = []
     for s in inputs:
         stalls = [r["stall_share"] for r in s.rounds]
@@ -210,12 +218,28 @@ def summarize(inputs: list[Input]) -> list[dict]:
     medians = {row["name"]: row["median_steps_per_s"] for row in rows}
     ceiling = [r["steps_per_s"] for r in next(s for s in inputs if s.name == "ceiling").rounds]
     for row in rows:
-        for key, reference in (("ratio_to_ceiling", "ceiling"), ("ratio_to_tf_data", "tf.data"),
-                               ("ratio_to_generator_path", "generator-path")):
+        for key, reference in references.items():
             row[key] = benchlib.ratio(row["median_steps_per_s"], medians[reference])
         row["round_ratio_to_ceiling"] = benchlib.median(
             r["steps_per_s"] / c for r, c in zip(row["rounds"], ceiling))
     return rows
+
+
+def run_rounds(inputs: list[Input], rounds: int, warmup: int, steps: int) -> None:
+    """Trace a fresh model per input, then ``rounds`` interleaved rounds of one fit per input."""
+    models = {}
+    for s in inputs:
+        log(f"tracing the model on {s.label}")
+        models[s.name] = build_model()
+        fit_once(models[s.name], s, 0, warmup, 2)
+    for r in range(rounds):
+        shift = r % len(inputs)
+        for s in inputs[shift:] + inputs[:shift]:
+            s.rounds.append(fit_once(models[s.name], s, r + 1, warmup, steps))
+            stall = s.rounds[-1]["stall_share"]
+            log(f"[round {r + 1}/{rounds}] {s.name:<24} {s.rounds[-1]['steps_per_s']:>7.1f} steps/s"
+                + ("" if stall is None else f", input stall {stall:.0%}")
+                + f"  (other processes: {s.rounds[-1]['other_load']:.0%} of the cores)")
 
 
 def main() -> None:
@@ -239,22 +263,10 @@ def main() -> None:
                                                             features, labels):
             inputs.append(kind(endpoint, w))
             stack.callback(inputs[-1].stop)
-        models = {}
-        for s in inputs:
-            log(f"tracing the model on {s.label}")
-            models[s.name] = build_model()
-            fit_once(models[s.name], s, 0, warmup, 2)
+        run_rounds(inputs, args.rounds, warmup, steps)
 
-        for r in range(args.rounds):
-            shift = r % len(inputs)
-            for s in inputs[shift:] + inputs[:shift]:
-                s.rounds.append(fit_once(models[s.name], s, r + 1, warmup, steps))
-                stall = s.rounds[-1]["stall_share"]
-                log(f"[round {r + 1}/{args.rounds}] {s.name:<24} {s.rounds[-1]['steps_per_s']:>7.1f} steps/s"
-                    + ("" if stall is None else f", input stall {stall:.0%}")
-                    + f"  (other processes: {s.rounds[-1]['other_load']:.0%} of the cores)")
-
-    rows = summarize(inputs)
+    rows = summarize(inputs, {"ratio_to_ceiling": "ceiling", "ratio_to_tf_data": "tf.data",
+                              "ratio_to_generator_path": "generator-path"})
     result["inputs"] = rows
     benchlib.write_json(args.out / "fit.json", result)
     print(f"{'input':<26}{'steps/s':>9}{'x ceiling':>11}{'per round':>11}{'x gen path':>11}{'x tf.data':>11}"

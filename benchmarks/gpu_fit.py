@@ -1,0 +1,151 @@
+"""Keras ``model.fit`` on a GPU (Keras 3 on the torch backend): does the input keep the GPU fed?
+
+The same convnet and workload as ``fit.py``. On the torch backend Keras pulls a
+generator in the training loop itself, with no prefetching thread, so every
+wait for a batch is a step the GPU sits idle: the input stall is the time
+spent inside the input's ``next()`` over the timed window (for ringfeed, the
+feed's own wait on the server).
+
+Inputs:
+
+- ceiling: one batch that already lives on the device, yielded again and
+  again. The model alone, with data costing nothing.
+- host-batch: one numpy batch yielded again and again, so Keras copies it to
+  the device every step. Every host input pays that copy; this is the ceiling
+  for them.
+- classic-generator: the Keras ``fit_generator`` recipe, per-sample numpy.
+- torch-dataloader: the PyTorch DataLoader set up at its best for this work
+  (a batch-level dataset running ringfeed's numba kernel, ``--workers``
+  persistent forked workers, ``pin_memory`` on a GPU), read through a
+  generator as every other input is.
+- ringfeed ``generator()`` with 2 and with ``--workers`` workers.
+
+Each input gets its own freshly initialised model (same seed), traced by an
+untimed fit; then interleaved rounds, timed from the end of step ``--warmup``
+to the end of the last step, as in ``fit.py``. Without CUDA it runs on the
+CPU, and says so in its output (the test suite runs ``--quick`` that way).
+
+    KERAS_BACKEND=torch .venv/bin/python benchmarks/gpu_fit.py [--quick] [--workers N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from contextlib import ExitStack
+
+os.environ.setdefault("KERAS_BACKEND", "torch")  # before anything imports Keras
+
+import benchlib  # noqa: E402
+import fit  # noqa: E402
+from benchlib import AUGMENT, BATCH, SEED, log  # noqa: E402
+
+
+def repeat(batch):
+    while True:
+        yield batch
+
+
+class DeviceCeiling(fit.Input):
+    def __init__(self, features, labels, device: str):
+        import numpy as np
+        import torch
+
+        super().__init__("ceiling", "model alone, one batch already on the device")
+        x, y = benchlib.classic_batch(features, labels, np.random.default_rng(SEED))
+        self.batch = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
+
+    def data(self, round_: int):
+        return repeat(self.batch)
+
+
+class HostBatch(fit.Input):
+    def __init__(self, features, labels):
+        import numpy as np
+
+        super().__init__("host-batch", "model alone, one numpy batch copied to the device each step")
+        self.batch = benchlib.classic_batch(features, labels, np.random.default_rng(SEED))
+
+    def data(self, round_: int):
+        return repeat(self.batch)
+
+
+class TorchDataLoader(fit.TimedReader):
+    """One endless DataLoader for the whole run; forked before the parent touches CUDA."""
+
+    def __init__(self, features, labels, workers: int, pin_memory: bool):
+        from torch.utils.data import DataLoader
+
+        from throughput import NumbaBatchDataset, _torch_worker_init
+
+        super().__init__("torch-dataloader", f"PyTorch DataLoader, numba batches, {workers} workers"
+                         + (", pin_memory" if pin_memory else ""), workers)
+        loader = DataLoader(NumbaBatchDataset(features, labels), batch_size=None, sampler=itertools.count(),
+                            num_workers=workers, pin_memory=pin_memory, persistent_workers=True,
+                            worker_init_fn=_torch_worker_init, multiprocessing_context="fork")
+        self.batches = iter(loader)
+
+    def data(self, round_: int):
+        return self.timed(map(tuple, self.batches))  # the loader collates the pair into a list
+
+    def stop(self) -> None:
+        self.batches = None  # shuts the workers down
+
+
+def accelerator() -> dict:
+    import keras
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"keras_backend": keras.backend.backend(), "device": "cuda" if cuda else "cpu",
+            "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch_cuda": torch.version.cuda}
+
+
+def main() -> None:
+    p = benchlib.parser(__doc__.split("\n\n")[0], rounds=5, quick_rounds=2)
+    p.add_argument("--steps", type=int, help="timed steps per fit (default 400, 15 quick)")
+    p.add_argument("--warmup", type=int, help="untimed steps at the start of each fit (default 24, 3 quick)")
+    p.add_argument("--samples", type=int, help="dataset size (default 20000, 2048 quick)")
+    p.add_argument("--workers", type=int, help="workers of the DataLoader and the larger ringfeed service "
+                                               "(default half the cores, at least 2)")
+    args = benchlib.parse(p)
+    steps = args.steps or (15 if args.quick else 400)
+    warmup = args.warmup or (3 if args.quick else 24)
+    samples = args.samples or (2048 if args.quick else 20000)
+    workers = args.workers or max(2, (os.cpu_count() or 1) // 2)
+
+    import torch
+
+    features, labels = benchlib.make_images(samples)
+    with ExitStack() as stack:
+        # Fork the DataLoader's workers before CUDA starts in this process.
+        loader = TorchDataLoader(features, labels, workers, pin_memory=torch.cuda.is_available())
+        stack.callback(loader.stop)
+        info = accelerator()
+        log(f"Keras {info['keras_backend']} backend on {info['gpu'] or 'the CPU: no CUDA device'}")
+        result = benchlib.header("gpu_fit", args, samples=samples, batch_size=BATCH, steps=steps,
+                                 warmup_steps=warmup, workers=workers, augment=AUGMENT,
+                                 model="Conv2D(16, 3, strides=2, relu) -> GlobalAveragePooling2D -> Dense(10), adam",
+                                 **info)
+        inputs: list[fit.Input] = [DeviceCeiling(features, labels, info["device"]), HostBatch(features, labels),
+                                   fit.Classic(features, labels), loader]
+        for kind, w, endpoint in benchlib.ringfeed_services(stack, "gpu", (fit.RingfeedGenerator,), features,
+                                                            labels, counts=sorted({2, workers})):
+            inputs.append(kind(endpoint, w))
+            stack.callback(inputs[-1].stop)
+        fit.run_rounds(inputs, args.rounds, warmup, steps)
+
+    rows = fit.summarize(inputs, {"ratio_to_ceiling": "ceiling", "ratio_to_host_batch": "host-batch",
+                                  "ratio_to_torch_dataloader": "torch-dataloader"})
+    result["inputs"] = rows
+    benchlib.write_json(args.out / "gpu_fit.json", result)
+    print(f"{'input':<26}{'steps/s':>9}{'x ceiling':>11}{'per round':>11}{'x host':>9}{'x torch':>9}{'stall':>8}")
+    for row in rows:
+        stall = "-" if row["median_stall_share"] is None else f"{row['median_stall_share']:.0%}"
+        print(f"{row['name']:<26}{row['median_steps_per_s']:>9.1f}{row['ratio_to_ceiling']:>11.2f}"
+              f"{row['round_ratio_to_ceiling']:>11.2f}{row['ratio_to_host_batch']:>9.2f}"
+              f"{row['ratio_to_torch_dataloader']:>9.2f}{stall:>8}")
+
+
+if __name__ == "__main__":
+    main()
