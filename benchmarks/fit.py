@@ -145,11 +145,11 @@ class RingfeedGenerator(Input):
 
     group = "ringfeed"
 
-    def __init__(self, endpoint: str, workers: int):
+    def __init__(self, endpoint: str, workers: int, **feed_options):
         from client import Feed
 
         super().__init__(*benchlib.ringfeed_contender("generator", workers), workers)
-        self.feed = Feed(endpoint)
+        self.feed = Feed(endpoint, **feed_options)
 
     def data(self, round_: int):
         return self.feed.generator()

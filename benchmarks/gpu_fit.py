@@ -18,7 +18,9 @@ Inputs:
   (a batch-level dataset running ringfeed's numba kernel, ``--workers``
   persistent forked workers, ``pin_memory`` on a GPU), read through a
   generator as every other input is.
-- ringfeed ``generator()`` with 2 and with ``--workers`` workers.
+- ringfeed ``generator()`` with 2 and with ``--workers`` workers, and on a
+  GPU the same with ``Feed(pin_memory=True)``, which page-locks the ring so the
+  copy engine reads each slot directly; host-batch-pinned is its ceiling.
 
 Each input gets its own freshly initialised model (same seed), traced by an
 untimed fit; then interleaved rounds, timed from the end of step ``--warmup``
@@ -60,11 +62,17 @@ class DeviceCeiling(fit.Input):
 
 
 class HostBatch(fit.Input):
-    def __init__(self, features, labels):
+    def __init__(self, features, labels, pinned: bool = False):
         import numpy as np
+        import torch
 
-        super().__init__("host-batch", "model alone, one numpy batch copied to the device each step")
+        if pinned:
+            super().__init__("host-batch-pinned", "model alone, one pinned batch copied to the device each step")
+        else:
+            super().__init__("host-batch", "model alone, one numpy batch copied to the device each step")
         self.batch = benchlib.classic_batch(features, labels, np.random.default_rng(SEED))
+        if pinned:
+            self.batch = tuple(torch.as_tensor(a).pin_memory() for a in self.batch)
 
     def data(self, round_: int):
         return repeat(self.batch)
@@ -90,6 +98,30 @@ class TorchDataLoader(fit.TimedReader):
 
     def stop(self) -> None:
         self.batches = None  # shuts the workers down
+
+
+class RingfeedPinned(fit.RingfeedGenerator):
+    def __init__(self, endpoint: str, workers: int):
+        super().__init__(endpoint, workers, pin_memory=True)
+        self.name = f"ringfeed-pinned-generator-w{workers}"
+        self.label = f"ringfeed generator(), pin_memory, {workers} worker{'s' * (workers > 1)}"
+
+
+def check_pinned(plain: str, pinned: str) -> dict:
+    """The first batch of a pinned feed is the plain feed's, and torch sees its slot as pinned."""
+    import numpy as np
+    import torch
+
+    from client import Feed
+
+    with Feed(plain) as a, Feed(pinned, pin_memory=True) as b:
+        (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+        check = {"same_first_batch": bool(np.array_equal(xa, xb) and np.array_equal(ya, yb)),
+                 "slot_is_pinned": bool(torch.from_numpy(xb).is_pinned())}
+        del xa, ya, xb, yb
+    if not all(check.values()):
+        raise AssertionError(f"pin_memory check failed: {check}")
+    return check
 
 
 def accelerator() -> dict:
@@ -127,12 +159,22 @@ def main() -> None:
                                  warmup_steps=warmup, workers=workers, augment=AUGMENT,
                                  model="Conv2D(16, 3, strides=2, relu) -> GlobalAveragePooling2D -> Dense(10), adam",
                                  **info)
-        inputs: list[fit.Input] = [DeviceCeiling(features, labels, info["device"]), HostBatch(features, labels),
-                                   fit.Classic(features, labels), loader]
-        for kind, w, endpoint in benchlib.ringfeed_services(stack, "gpu", (fit.RingfeedGenerator,), features,
-                                                            labels, counts=sorted({2, workers})):
+        cuda = info["device"] == "cuda"
+        inputs: list[fit.Input] = [DeviceCeiling(features, labels, info["device"]), HostBatch(features, labels)]
+        inputs += [HostBatch(features, labels, pinned=True)] if cuda else []
+        inputs += [fit.Classic(features, labels), loader]
+        # Page-locking needs CUDA: on the CPU there is nothing to pin for.
+        kinds = (fit.RingfeedGenerator, RingfeedPinned) if cuda else (fit.RingfeedGenerator,)
+        endpoints = {}
+        for kind, w, endpoint in benchlib.ringfeed_services(stack, "gpu", kinds, features, labels,
+                                                            counts=sorted({2, workers})):
+            endpoints[kind, w] = endpoint
             inputs.append(kind(endpoint, w))
             stack.callback(inputs[-1].stop)
+        if cuda:
+            result["pin_memory_check"] = check_pinned(endpoints[fit.RingfeedGenerator, workers],
+                                                      endpoints[RingfeedPinned, workers])
+            log(f"pin_memory check: {result['pin_memory_check']}")
         fit.run_rounds(inputs, args.rounds, warmup, steps)
 
     rows = fit.summarize(inputs, {"ratio_to_ceiling": "ceiling", "ratio_to_host_batch": "host-batch",

@@ -4,5 +4,6 @@ Imports neither numba nor ``loader_server``; TensorFlow only in the tf.data adap
 """
 
 from .feed import Feed, FeedSpec, RemoteWorkerError, RingfeedError, ServerGoneError
+from .pinning import PinMemoryError
 
-__all__ = ["Feed", "FeedSpec", "RemoteWorkerError", "RingfeedError", "ServerGoneError"]
+__all__ = ["Feed", "FeedSpec", "PinMemoryError", "RemoteWorkerError", "RingfeedError", "ServerGoneError"]

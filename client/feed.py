@@ -38,7 +38,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import mailbox, protocol
+from . import mailbox, pinning, protocol
 from .leases import RingMapping, copy_arrays, frame_arrays, lease_arrays
 from .paths import default_endpoint, pid_namespace
 from .security import client_curve_options
@@ -124,7 +124,9 @@ class Feed(BatchStream):
     ``job`` name split one stream between them; ``shard=(i, n)`` asks for batch
     indices i, i+n, ... of each epoch. For a CURVE server give
     ``curve_server_key`` (its public key file) and ``curve_secret_key`` (this
-    client's secret key file, from ``ringfeed keys``).
+    client's secret key file, from ``ringfeed keys``). ``pin_memory=True``
+    page-locks the mapped ring for fast copies to a CUDA device (needs PyTorch
+    with CUDA; see ``client/pinning.py``); batches received as frames are not pinned.
     """
 
     def __new__(cls, endpoint=None, **options):
@@ -138,7 +140,8 @@ class Feed(BatchStream):
                  timeout_s: float = DEFAULT_TIMEOUT_S, prefetch: int = DEFAULT_PREFETCH,
                  start: tuple[int, int] = (0, 0), copy: bool = False, transport: str = "auto",
                  job: str | None = None, shard: tuple[int, int] = (0, 1),
-                 curve_server_key: str | None = None, curve_secret_key: str | None = None):
+                 curve_server_key: str | None = None, curve_secret_key: str | None = None,
+                 pin_memory: bool = False):
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if not isinstance(prefetch, int) or prefetch < 1:
@@ -148,6 +151,7 @@ class Feed(BatchStream):
         self.endpoint = endpoint or default_endpoint(name)
         self.transport, self.job, self.shard = transport, job, tuple(shard)
         self.timeout_s, self.copy, self.prefetch = timeout_s, copy, prefetch
+        self._cudart = pinning.cuda_runtime() if pin_memory else None
         self._curve = client_curve_options(curve_server_key, curve_secret_key)
         self._lock = threading.Lock()
         self._inbox: deque = deque()
@@ -296,6 +300,12 @@ class Feed(BatchStream):
                         f"cannot map the server's ring segment {layout['segment']!r} ({exc}); "
                         "transport='shm' needs the server's host and IPC namespace")
                     self._abandon()
+        if self._mapping is not None and self._cudart is not None:
+            try:
+                pinning.pin(self._cudart, self._mapping)
+            except pinning.PinMemoryError as exc:
+                self._failure = exc
+                self._abandon()
         if self.spec is None:
             i, n = self.shard
             self.steps_per_epoch = len(range(i, spec.steps_per_epoch, n))  # batches per epoch for this feed

@@ -32,15 +32,15 @@ class RingMapping:
             size = os.fstat(fd).st_size
             if size < layout["header"] + layout["slots"] * layout["slot_bytes"]:
                 raise OSError(f"ring segment {path} is {size} bytes, smaller than its layout")
-            self._mm = mmap.mmap(fd, size)
+            self.mmap = mmap.mmap(fd, size)
         finally:
             os.close(fd)
         token = bytes.fromhex(layout["token"])
-        if self._mm[:len(token)] != token:
-            self._mm.close()
+        if self.mmap[:len(token)] != token:
+            self.mmap.close()
             raise OSError(f"{path} is another server's segment (token mismatch)")
-        self.base = np.frombuffer(self._mm, np.uint8)
-        self.address = self.base.ctypes.data
+        self.base = np.frombuffer(self.mmap, np.uint8)
+        self.address, self.nbytes = self.base.ctypes.data, size
         self.layout = layout
         self.x_dtype, self.y_dtype = np.dtype(layout["x_dtype"]), np.dtype(layout["y_dtype"])
         self.x_shape, self.y_shape = tuple(layout["x_shape"]), tuple(layout["y_shape"])
