@@ -10,17 +10,20 @@ Inputs:
 
 - ceiling: one batch that already lives on the device, yielded again and
   again. The model alone, with data costing nothing.
-- host-batch: one numpy batch yielded again and again, so Keras copies it to
-  the device every step. Every host input pays that copy; this is the ceiling
-  for them.
+- host-batch: one numpy batch yielded again and again. Keras on the torch
+  backend copies a numpy input on the host (``np.array``), then to the device,
+  every step: the ceiling of numpy inputs.
+- host-batch-pinned: one page-locked torch batch, sent to the device each step.
 - classic-generator: the Keras ``fit_generator`` recipe, per-sample numpy.
 - torch-dataloader: the PyTorch DataLoader set up at its best for this work
   (a batch-level dataset running ringfeed's numba kernel, ``--workers``
   persistent forked workers, ``pin_memory`` on a GPU), read through a
   generator as every other input is.
-- ringfeed ``generator()`` with 2 and with ``--workers`` workers, and on a
-  GPU the same with ``Feed(pin_memory=True)``, which page-locks the ring so the
-  copy engine reads each slot directly; host-batch-pinned is its ceiling.
+- ringfeed with 2 and with ``--workers`` workers: ``generator()`` (numpy,
+  which Keras copies once more on the host), ``torch_generator()`` (tensors
+  over the ring, sent to the device as they are) and, on a GPU, the latter
+  with ``Feed(pin_memory=True)``, which page-locks the ring so the copy engine
+  reads each slot directly. host-batch-pinned is the ceiling of the last.
 
 Each input gets its own freshly initialised model (same seed), traced by an
 untimed fit; then interleaved rounds, timed from the end of step ``--warmup``
@@ -100,11 +103,22 @@ class TorchDataLoader(fit.TimedReader):
         self.batches = None  # shuts the workers down
 
 
-class RingfeedPinned(fit.RingfeedGenerator):
+class RingfeedTorch(fit.RingfeedGenerator):
+    """``feed.torch_generator()``: tensors over the ring, which Keras sends to the device as they are."""
+
+    def __init__(self, endpoint: str, workers: int, pin_memory: bool = False):
+        super().__init__(endpoint, workers, pin_memory=pin_memory)
+        self.name = f"ringfeed-torch{'-pinned' * pin_memory}-w{workers}"
+        self.label = (f"ringfeed torch_generator(){', pin_memory' * pin_memory}, "
+                      f"{workers} worker{'s' * (workers > 1)}")
+
+    def data(self, round_: int):
+        return self.feed.torch_generator()
+
+
+class RingfeedTorchPinned(RingfeedTorch):
     def __init__(self, endpoint: str, workers: int):
         super().__init__(endpoint, workers, pin_memory=True)
-        self.name = f"ringfeed-pinned-generator-w{workers}"
-        self.label = f"ringfeed generator(), pin_memory, {workers} worker{'s' * (workers > 1)}"
 
 
 def check_pinned(plain: str, pinned: str) -> dict:
@@ -140,6 +154,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, help="dataset size (default 20000, 2048 quick)")
     p.add_argument("--workers", type=int, help="workers of the DataLoader and the larger ringfeed service "
                                                "(default half the cores, at least 2)")
+    p.add_argument("--ringfeed-workers", type=int, nargs="+",
+                   help="worker counts of the ringfeed services (default 2 and --workers)")
     args = benchlib.parse(p)
     steps = args.steps or (15 if args.quick else 400)
     warmup = args.warmup or (3 if args.quick else 24)
@@ -164,16 +180,15 @@ def main() -> None:
         inputs += [HostBatch(features, labels, pinned=True)] if cuda else []
         inputs += [fit.Classic(features, labels), loader]
         # Page-locking needs CUDA: on the CPU there is nothing to pin for.
-        kinds = (fit.RingfeedGenerator, RingfeedPinned) if cuda else (fit.RingfeedGenerator,)
-        endpoints = {}
-        for kind, w, endpoint in benchlib.ringfeed_services(stack, "gpu", kinds, features, labels,
-                                                            counts=sorted({2, workers})):
+        kinds = (fit.RingfeedGenerator, RingfeedTorch) + ((RingfeedTorchPinned,) if cuda else ())
+        endpoints, counts = {}, sorted(args.ringfeed_workers or {2, workers})
+        for kind, w, endpoint in benchlib.ringfeed_services(stack, "gpu", kinds, features, labels, counts=counts):
             endpoints[kind, w] = endpoint
             inputs.append(kind(endpoint, w))
             stack.callback(inputs[-1].stop)
         if cuda:
-            result["pin_memory_check"] = check_pinned(endpoints[fit.RingfeedGenerator, workers],
-                                                      endpoints[RingfeedPinned, workers])
+            result["pin_memory_check"] = check_pinned(endpoints[fit.RingfeedGenerator, counts[-1]],
+                                                      endpoints[RingfeedTorchPinned, counts[-1]])
             log(f"pin_memory check: {result['pin_memory_check']}")
         fit.run_rounds(inputs, args.rounds, warmup, steps)
 
