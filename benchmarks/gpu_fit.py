@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from contextlib import ExitStack
 
-os.environ.setdefault("KERAS_BACKEND", "torch")  # before anything imports Keras
+os.environ["KERAS_BACKEND"] = "torch"  # before anything imports Keras
 
 import benchlib  # noqa: E402
 import fit  # noqa: E402
@@ -138,6 +139,25 @@ def check_pinned(plain: str, pinned: str) -> dict:
     return check
 
 
+def copy_ms(x, copies: int = 50) -> dict:
+    """Milliseconds per host-to-device copy of the batch ``x``, from pageable and from pinned memory."""
+    import torch
+
+    pageable = torch.from_numpy(x)
+    device = torch.empty_like(pageable, device="cuda")
+    times = {}
+    for kind, source in (("pageable", pageable), ("pinned", pageable.pin_memory())):
+        for _ in range(3):
+            device.copy_(source)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(copies):
+            device.copy_(source)
+        torch.cuda.synchronize()
+        times[kind] = (time.perf_counter() - start) / copies * 1e3
+    return times
+
+
 def accelerator() -> dict:
     import keras
     import torch
@@ -176,7 +196,8 @@ def main() -> None:
                                  model="Conv2D(16, 3, strides=2, relu) -> GlobalAveragePooling2D -> Dense(10), adam",
                                  **info)
         cuda = info["device"] == "cuda"
-        inputs: list[fit.Input] = [DeviceCeiling(features, labels, info["device"]), HostBatch(features, labels)]
+        host = HostBatch(features, labels)
+        inputs: list[fit.Input] = [DeviceCeiling(features, labels, info["device"]), host]
         inputs += [HostBatch(features, labels, pinned=True)] if cuda else []
         inputs += [fit.Classic(features, labels), loader]
         # Page-locking needs CUDA: on the CPU there is nothing to pin for.
@@ -190,6 +211,8 @@ def main() -> None:
             result["pin_memory_check"] = check_pinned(endpoints[fit.RingfeedGenerator, counts[-1]],
                                                       endpoints[RingfeedTorchPinned, counts[-1]])
             log(f"pin_memory check: {result['pin_memory_check']}")
+            result["copy_ms_per_batch"] = copy_ms(host.batch[0])
+            log(f"host-to-device copy of one batch, ms: {result['copy_ms_per_batch']}")
         fit.run_rounds(inputs, args.rounds, warmup, steps)
 
     rows = fit.summarize(inputs, {"ratio_to_ceiling": "ceiling", "ratio_to_host_batch": "host-batch",

@@ -27,7 +27,8 @@ def load(folder: Path, name: str) -> dict | None:
 def machine_line(result: dict) -> str:
     m, v = result["machine"], result["versions"]
     libs = ", ".join(f"{k} {v[k]}" for k in ("numpy", "numba", "tensorflow", "keras", "pyzmq", "torch") if v.get(k))
-    return f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']:g} GiB RAM, no GPU; Python {v['python']}, {libs}"
+    gpu = result["settings"].get("gpu") or m.get("gpu") or "no GPU"
+    return f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']:g} GiB RAM, {gpu}; Python {v['python']}, {libs}"
 
 
 def run_line(result: dict) -> str:
@@ -106,6 +107,25 @@ def fit_section(result: dict) -> list[str]:
     return lines
 
 
+def gpu_fit_section(result: dict) -> list[str]:
+    s = result["settings"]
+    lines = [f"**Keras `model.fit` on a GPU** (`benchmarks/gpu_fit.py`, Keras {result['versions']['keras']} on "
+             f"the torch backend, {s['gpu'] or 'no GPU'}, {result['machine']['cores']} cores): the same model and "
+             f"workload, {s['steps']} timed steps of {s['batch_size']} per fit, median of {result['rounds']} rounds "
+             f"({run_line(result)}). The ceiling is the model alone on one batch already on the device. On this "
+             "backend Keras reads the input in the training loop itself, so every wait for a batch idles the GPU; "
+             "input stall is the time inside the input's `next()` (ringfeed: `feed.stats[\"wait_s\"]`). "
+             "Keras copies every numpy input on the host (`np.array`) before sending it to the device, which "
+             "`torch_generator()` avoids; `pin_memory` page-locks the ring so the copy engine reads each slot "
+             "directly." + other_load_line(result["inputs"]), ""]
+    lines += table(["input", "steps/s", "vs ceiling", "vs ceiling, per round", "vs PyTorch DataLoader",
+                    "input stall"],
+                   [[r["label"], num(r["median_steps_per_s"], 1), times(r["ratio_to_ceiling"]),
+                     times(r["round_ratio_to_ceiling"]), times(r["ratio_to_torch_dataloader"]),
+                     share(r["median_stall_share"])] for r in result["inputs"]])
+    return lines
+
+
 def delivery_section(result: dict) -> list[str]:
     s, t = result["settings"], result["settings"]["targets"]
     lines = [f"**Delivery overhead** (`benchmarks/delivery.py`): ({s['samples']:,}, {s['features']}) float32, "
@@ -124,7 +144,8 @@ def remote_section(result: dict) -> list[str]:
     s = result["settings"]
     what = ("the standard workload (crop, flip, normalize)" if s["workload"] == "augment" else
             "float32 samples already 56×56×3, no augmentation (workers only gather)")
-    lines = [f"**Remote delivery, {s['workload']}** (`benchmarks/remote.py --workload {s['workload']}`): "
+    lines = [f"**Remote delivery, {s['workload']}, {result['machine']['cores']} cores** "
+             f"(`benchmarks/remote.py --workload {s['workload']}`): "
              f"loopback TCP, batch {s['batch_size']} of {what}, {s['batch_bytes'] / 1e6:.1f} MB a batch; "
              f"raw pyzmq pushes one preallocated buffer with `copy=False`, or 16 in turn, as a ring would"
              + (", or makes each batch on one core before sending it, as a hand-written loader would"
@@ -139,11 +160,16 @@ def remote_section(result: dict) -> list[str]:
     return lines
 
 
-NAMES = ("throughput", "fit", "delivery", "remote-augment", "remote-gather")
+# Each results file: (the script that writes it, whether the README needs it). The optional ones
+# come from machines a session is not always lent: a GPU, more cores.
+RESULTS = {"throughput": ("throughput", True), "fit": ("fit", True), "delivery": ("delivery", True),
+           "remote-augment": ("remote", True), "remote-gather": ("remote", True),
+           "gpu_fit": ("gpu_fit", False), "remote-augment-16cores": ("remote", False)}
 
 
 def render(results: Path, readme_dir: Path) -> str:
-    loaded = {name: load(results, name) for name in NAMES}
+    loaded = {name: load(results, name) for name in RESULTS}
+    loaded = {name: r for name, r in loaded.items() if r or RESULTS[name][1]}
     present = [r for r in loaded.values() if r]
     if not present:
         raise SystemExit(f"no results in {results}: run the benchmarks first")
@@ -154,18 +180,22 @@ def render(results: Path, readme_dir: Path) -> str:
     if any(r["quick"] for r in present):
         lines.append("\n*Quick smoke-run numbers (`--quick`), not for comparison.*")
     sections = {"throughput": lambda r: throughput_section(r, results, readme_dir), "fit": fit_section,
-                "delivery": delivery_section, "remote-augment": remote_section, "remote-gather": remote_section}
+                "gpu_fit": gpu_fit_section, "delivery": delivery_section}
     for name, result in loaded.items():
         lines.append("")
-        lines += sections[name](result) if result else [f"({name}.json missing: run benchmarks/{name}.py)"]
+        lines += sections.get(name, remote_section)(result) if result else \
+            [f"({name}.json missing: run benchmarks/{RESULTS[name][0]}.py)"]
     lines += ["", "Reproduce (from the repository root; `--quick` runs each in under a minute):", "", "```sh"]
     for name, result in loaded.items():
-        script, _, workload = name.partition("-")
-        flags = [f"--workload {workload}"] if workload else []
+        script = RESULTS[name][0]
+        flags = [f"--workload {name.split('-')[1]}"] if script == "remote" else []
         took = ""
         if result:
             flags = run_flags(result["command"])
             took = f"  # {result['duration_s'] / 60:.1f} min for the run above"
+            if not RESULTS[name][1]:
+                took += f", on {result['machine']['cores']} cores" + (
+                    f" and an {result['settings']['gpu']}" if result["settings"].get("gpu") else "")
         lines.append(" ".join([".venv/bin/python", f"benchmarks/{script}.py", *flags]) + took)
     lines += [".venv/bin/python benchmarks/report.py --write-readme", "```"]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """ringfeed's client: batches from a ringfeed server for ``model.fit`` and ``tf.data``.
 
-Imports neither numba nor ``loader_server``; TensorFlow only in the tf.data adapter.
+Imports neither numba nor ``loader_server``; TensorFlow only in the tf.data adapter, and
+PyTorch only for ``torch_generator()`` and ``pin_memory``.
 """
 
 from .feed import Feed, FeedSpec, RemoteWorkerError, RingfeedError, ServerGoneError

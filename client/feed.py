@@ -103,11 +103,14 @@ class BatchStream:
         """``generator()`` with each batch as CPU torch tensors over the same memory
         (``torch.from_numpy``, no copy). Keras on the torch backend copies every numpy input
         (``np.array``) before it sends it to the device; a tensor goes to the device as it is,
-        and from a ``pin_memory`` feed's ring at page-locked speed."""
+        and from a ``pin_memory`` feed's ring at page-locked speed. Copy them to the device with
+        blocking copies (``x.to("cuda")``, as Keras does): a slot goes back to the ring when its
+        tensor dies, and an asynchronous copy might still be reading it."""
         import torch
 
-        for x, y in self.generator():
-            yield torch.from_numpy(x), torch.from_numpy(y)
+        batches = self.generator()
+        while True:  # no local may hold the last batch's arrays while this generator waits
+            yield tuple(torch.from_numpy(a) for a in next(batches))
 
     def as_tf_dataset(self, prefetch: int = 2):
         """A prefetching ``tf.data.Dataset`` whose ``element_spec`` is known without peeking."""

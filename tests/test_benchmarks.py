@@ -59,6 +59,12 @@ def fit(out) -> dict:
 
 
 @pytest.fixture(scope="module")
+def gpu_fit(out) -> dict:
+    pytest.importorskip("torch")
+    return quick_run("gpu_fit", out)
+
+
+@pytest.fixture(scope="module")
 def delivery(out) -> dict:
     return quick_run("delivery", out)
 
@@ -108,6 +114,27 @@ def test_fit_measures_every_input(fit):
     assert rows["tf.data"]["median_stall_share"] is None
 
 
+def test_gpu_fit_trains_on_keras_torch_backend_from_every_input(gpu_fit):
+    import torch
+
+    cuda = torch.cuda.is_available()
+    assert gpu_fit["settings"]["keras_backend"] == "torch"
+    assert gpu_fit["settings"]["device"] == ("cuda" if cuda else "cpu")
+    counts = sorted({2, max(2, CORES // 2)})
+    untimed = {"ceiling", "host-batch"} | ({"host-batch-pinned"} if cuda else set())
+    ringfeed = {f"ringfeed-{kind}-w{w}" for kind in ("generator", "torch") for w in counts} \
+        | ({f"ringfeed-torch-pinned-w{w}" for w in counts} if cuda else set())
+    rows = {row["name"]: row for row in gpu_fit["inputs"]}
+    assert set(rows) == untimed | ringfeed | {"classic-generator", "torch-dataloader"}
+    for name, row in rows.items():
+        assert row["median_steps_per_s"] > 0 and row["ratio_to_ceiling"] > 0 and row["round_ratio_to_ceiling"] > 0
+        assert row["ratio_to_host_batch"] > 0 and row["ratio_to_torch_dataloader"] > 0
+        assert len(row["rounds"]) == QUICK_ROUNDS
+        assert (row["median_stall_share"] is None) == (name in untimed)
+        assert name in untimed or 0 <= row["median_stall_share"] <= 1
+    assert ("pin_memory_check" in gpu_fit) == cuda
+
+
 def test_delivery_measures_every_route(delivery):
     rows = {row["name"]: row for row in delivery["routes"]}
     assert set(rows) == {f"{how}-w{w}" for how in ("next_batch", "generator") for w in worker_counts()}
@@ -130,8 +157,9 @@ def test_remote_measures_raw_pyzmq_and_every_ringfeed_route(remote):
         assert (row["median_samples_per_s"] is None) == name.startswith("raw pyzmq")
 
 
-def test_report_renders_and_replaces_only_the_results_block(throughput, fit, delivery, remote, out):
+def test_report_renders_and_replaces_only_the_results_block(throughput, fit, gpu_fit, delivery, remote, out):
     printed = run_script("report.py", out, "--results", str(out)).stdout
+    assert "on a GPU" in printed and "torch_generator()" in printed
     assert "tf.data map(AUTOTUNE)" in printed and "steps/s" in printed and "batches/s" in printed
     assert "16 buffers in turn" in printed
     assert "throughput.png" in printed and "benchmarks/throughput.py" in printed
