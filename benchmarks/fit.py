@@ -269,13 +269,17 @@ def main() -> None:
                               "ratio_to_generator_path": "generator-path"})
     result["inputs"] = rows
     benchlib.write_json(args.out / "fit.json", result)
-    print(f"{'input':<26}{'steps/s':>9}{'x ceiling':>11}{'per round':>11}{'x gen path':>11}{'x tf.data':>11}"
-          f"{'stall':>8}")
+    print_table(rows, {"x ceiling": "ratio_to_ceiling", "per round": "round_ratio_to_ceiling",
+                       "x gen path": "ratio_to_generator_path", "x tf.data": "ratio_to_tf_data"})
+
+
+def print_table(rows: list[dict], ratios: dict[str, str]) -> None:
+    """The summary on stdout: steps/s, the ratios (column header -> row key), input stall."""
+    print(f"{'input':<26}{'steps/s':>9}" + "".join(f"{header:>11}" for header in ratios) + f"{'stall':>8}")
     for row in rows:
         stall = "-" if row["median_stall_share"] is None else f"{row['median_stall_share']:.0%}"
-        print(f"{row['name']:<26}{row['median_steps_per_s']:>9.1f}{row['ratio_to_ceiling']:>11.2f}"
-              f"{row['round_ratio_to_ceiling']:>11.2f}{row['ratio_to_generator_path']:>11.2f}"
-              f"{row['ratio_to_tf_data']:>11.2f}{stall:>8}")
+        print(f"{row['name']:<26}{row['median_steps_per_s']:>9.1f}"
+              + "".join(f"{row[key]:>11.2f}" for key in ratios.values()) + f"{stall:>8}")
 
 
 if __name__ == "__main__":

@@ -219,12 +219,8 @@ def main() -> None:
                                   "ratio_to_torch_dataloader": "torch-dataloader"})
     result["inputs"] = rows
     benchlib.write_json(args.out / "gpu_fit.json", result)
-    print(f"{'input':<26}{'steps/s':>9}{'x ceiling':>11}{'per round':>11}{'x host':>9}{'x torch':>9}{'stall':>8}")
-    for row in rows:
-        stall = "-" if row["median_stall_share"] is None else f"{row['median_stall_share']:.0%}"
-        print(f"{row['name']:<26}{row['median_steps_per_s']:>9.1f}{row['ratio_to_ceiling']:>11.2f}"
-              f"{row['round_ratio_to_ceiling']:>11.2f}{row['ratio_to_host_batch']:>9.2f}"
-              f"{row['ratio_to_torch_dataloader']:>9.2f}{stall:>8}")
+    fit.print_table(rows, {"x ceiling": "ratio_to_ceiling", "per round": "round_ratio_to_ceiling",
+                           "x host": "ratio_to_host_batch", "x torch": "ratio_to_torch_dataloader"})
 
 
 if __name__ == "__main__":
