@@ -37,6 +37,7 @@ AUGMENT = [{"op": "random_crop", "size": list(CROP)}, {"op": "flip_lr"},
 BATCH = 256
 CLASSES = 10
 SEED = 0
+LOADER_TIMEOUT_S = 60  # a DataLoader worker that hangs fails the run rather than stalling it
 STARTED = time.monotonic()  # the script's start: its JSON records how long the whole run took
 
 
@@ -234,8 +235,19 @@ def machine_info() -> dict:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
             ram_kib = int(line.split()[1])
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram_kib / 2**20, 1),
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram_kib / 2**20, 1), "gpu": gpu_name(),
             "os": platform.platform(), "load_average": list(os.getloadavg())}
+
+
+def gpu_name() -> str | None:
+    """The first NVIDIA GPU's name, from ``nvidia-smi``; None where there is none."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = listed.stdout.strip().splitlines() if listed.returncode == 0 else []
+    return names[0] if names else None
 
 
 def _version(*distributions: str) -> str | None:

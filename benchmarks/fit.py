@@ -39,6 +39,12 @@ from benchlib import AUGMENT, BATCH, CLASSES, CROP, IMAGE, SEED, log
 RING_BATCHES = 32  # the default ring's slots for 2 workers
 
 
+def repeat(batch):
+    """``batch`` forever, from a generator: Keras takes only real generators (``types.GeneratorType``)."""
+    while True:
+        yield batch
+
+
 class Input:
     """One way of feeding model.fit. ``data(round)`` gives the fit input for a round and
     ``waited()`` the reader's cumulative wait in seconds (None where it cannot be seen)."""
@@ -79,11 +85,7 @@ class GeneratorPath(Ceiling):
         self.batch = next(iter(self.dataset.as_numpy_iterator()))
 
     def data(self, round_: int):
-        def repeat():
-            while True:
-                yield self.batch
-
-        return repeat()
+        return repeat(self.batch)
 
 
 class GeneratorRing(Ceiling):

@@ -47,11 +47,6 @@ import fit  # noqa: E402
 from benchlib import AUGMENT, BATCH, SEED, log  # noqa: E402
 
 
-def repeat(batch):
-    while True:
-        yield batch
-
-
 class DeviceCeiling(fit.Input):
     def __init__(self, features, labels, device: str):
         import numpy as np
@@ -62,7 +57,7 @@ class DeviceCeiling(fit.Input):
         self.batch = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
 
     def data(self, round_: int):
-        return repeat(self.batch)
+        return fit.repeat(self.batch)
 
 
 class HostBatch(fit.Input):
@@ -79,7 +74,7 @@ class HostBatch(fit.Input):
             self.batch = tuple(torch.as_tensor(a).pin_memory() for a in self.batch)
 
     def data(self, round_: int):
-        return repeat(self.batch)
+        return fit.repeat(self.batch)
 
 
 class TorchDataLoader(fit.TimedReader):
@@ -94,11 +89,12 @@ class TorchDataLoader(fit.TimedReader):
                          + (", pin_memory" if pin_memory else ""), workers)
         loader = DataLoader(NumbaBatchDataset(features, labels), batch_size=None, sampler=itertools.count(),
                             num_workers=workers, pin_memory=pin_memory, persistent_workers=True,
-                            worker_init_fn=_torch_worker_init, multiprocessing_context="fork")
+                            worker_init_fn=_torch_worker_init, multiprocessing_context="fork",
+                            timeout=benchlib.LOADER_TIMEOUT_S)
         self.batches = iter(loader)
 
     def data(self, round_: int):
-        return self.timed(map(tuple, self.batches))  # the loader collates the pair into a list
+        return self.timed(map(tuple, self.batches))  # the loader converts the pair to a list
 
     def stop(self) -> None:
         self.batches = None  # shuts the workers down
@@ -118,6 +114,8 @@ class RingfeedTorch(fit.RingfeedGenerator):
 
 
 class RingfeedTorchPinned(RingfeedTorch):
+    """A kind of its own, so that ``ringfeed_services`` starts it a service of its own."""
+
     def __init__(self, endpoint: str, workers: int):
         super().__init__(endpoint, workers, pin_memory=True)
 

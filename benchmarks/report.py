@@ -109,8 +109,10 @@ def fit_section(result: dict) -> list[str]:
 
 def gpu_fit_section(result: dict) -> list[str]:
     s = result["settings"]
-    lines = [f"**Keras `model.fit` on a GPU** (`benchmarks/gpu_fit.py`, Keras {result['versions']['keras']} on "
-             f"the torch backend, {s['gpu'] or 'no GPU'}, {result['machine']['cores']} cores): the same model and "
+    where = f"on a GPU** (`benchmarks/gpu_fit.py`, {s['gpu']}" if s["gpu"] else \
+        "on the CPU** (`benchmarks/gpu_fit.py`, no CUDA device"
+    lines = [f"**Keras `model.fit` on the torch backend, {where}, Keras {result['versions']['keras']}, "
+             f"{result['machine']['cores']} cores): the same model and "
              f"workload, {s['steps']} timed steps of {s['batch_size']} per fit, median of {result['rounds']} rounds "
              f"({run_line(result)}). The ceiling is the model alone on one batch already on the device. On this "
              "backend Keras reads the input in the training loop itself, so every wait for a batch idles the GPU; "
@@ -180,10 +182,11 @@ def render(results: Path, readme_dir: Path) -> str:
     if any(r["quick"] for r in present):
         lines.append("\n*Quick smoke-run numbers (`--quick`), not for comparison.*")
     sections = {"throughput": lambda r: throughput_section(r, results, readme_dir), "fit": fit_section,
-                "gpu_fit": gpu_fit_section, "delivery": delivery_section}
+                "gpu_fit": gpu_fit_section, "delivery": delivery_section, "remote-augment": remote_section,
+                "remote-gather": remote_section, "remote-augment-16cores": remote_section}
     for name, result in loaded.items():
         lines.append("")
-        lines += sections.get(name, remote_section)(result) if result else \
+        lines += sections[name](result) if result else \
             [f"({name}.json missing: run benchmarks/{RESULTS[name][0]}.py)"]
     lines += ["", "Reproduce (from the repository root; `--quick` runs each in under a minute):", "", "```sh"]
     for name, result in loaded.items():
@@ -192,6 +195,9 @@ def render(results: Path, readme_dir: Path) -> str:
         took = ""
         if result:
             flags = run_flags(result["command"])
+        written = f"remote-{name.split('-')[1]}" if script == "remote" else script
+        if written != name:  # another machine's run of a script whose file this machine's run has
+            flags += [f"--out /tmp/{name} && mv /tmp/{name}/{written}.json benchmarks/results/{name}.json"]
             took = f"  # {result['duration_s'] / 60:.1f} min for the run above"
             if not RESULTS[name][1]:
                 took += f", on {result['machine']['cores']} cores" + (

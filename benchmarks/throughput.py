@@ -239,12 +239,14 @@ class TorchLoader(Contender):
         if self.batch_level:
             loader = DataLoader(NumbaBatchDataset(self.features, self.labels), batch_size=None,
                                 sampler=itertools.count(), num_workers=self.workers,
-                                worker_init_fn=_torch_worker_init, multiprocessing_context="fork")
+                                worker_init_fn=_torch_worker_init, multiprocessing_context="fork",
+                                timeout=benchlib.LOADER_TIMEOUT_S)
         else:
             dataset = PerSampleDataset(self.features, self.labels)
             loader = DataLoader(dataset, batch_size=BATCH, num_workers=self.workers,
                                 sampler=RandomSampler(dataset, replacement=True, num_samples=1 << 62),
-                                worker_init_fn=_torch_worker_init, multiprocessing_context="fork")
+                                worker_init_fn=_torch_worker_init, multiprocessing_context="fork",
+                                timeout=benchlib.LOADER_TIMEOUT_S)
         self.it = iter(loader)
         super().start(warmup)
 

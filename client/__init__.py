@@ -4,7 +4,7 @@ Imports neither numba nor ``loader_server``; TensorFlow only in the tf.data adap
 PyTorch only for ``torch_generator()`` and ``pin_memory``.
 """
 
-from .feed import Feed, FeedSpec, RemoteWorkerError, RingfeedError, ServerGoneError
-from .pinning import PinMemoryError
+from .errors import PinMemoryError, RemoteWorkerError, RingfeedError, ServerGoneError
+from .feed import Feed, FeedSpec
 
 __all__ = ["Feed", "FeedSpec", "PinMemoryError", "RemoteWorkerError", "RingfeedError", "ServerGoneError"]

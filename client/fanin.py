@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import time
 
-from .feed import DEFAULT_TIMEOUT_S, BatchStream, Feed, RingfeedError
+from .errors import RingfeedError
+from .feed import DEFAULT_TIMEOUT_S, BatchStream, Feed
 
 log = logging.getLogger("ringfeed.fanin")
 
@@ -30,6 +31,7 @@ class FanInFeed(BatchStream):
         if "job" in options or "shard" in options:
             raise ValueError("a fan-in feed assigns shards itself; give job/shard to single feeds")
         self.endpoints, self.timeout_s, self._options = list(endpoints), timeout_s, options
+        self.pin_memory = options.get("pin_memory", False)
         n = len(endpoints)
         self._feeds: list[Feed | None] = []
         for i, endpoint in enumerate(endpoints):

@@ -39,6 +39,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import mailbox, pinning, protocol
+from .errors import PinMemoryError, RemoteWorkerError, RingfeedError, ServerGoneError
 from .leases import RingMapping, copy_arrays, frame_arrays, lease_arrays
 from .paths import default_endpoint, pid_namespace
 from .security import client_curve_options
@@ -50,30 +51,6 @@ DEFAULT_PREFETCH = 16  # the server grants at most half its ring
 TRANSPORTS = ("auto", "shm", "frames")
 _MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-
-
-class RingfeedError(RuntimeError):
-    """Raised by the client for server-side errors and protocol failures."""
-
-
-class ServerGoneError(RingfeedError, TimeoutError):
-    """The server did not answer within ``timeout_s``."""
-
-
-class RemoteWorkerError(RingfeedError):
-    """An exception raised in a worker, with the worker's traceback."""
-
-    def __init__(self, details: dict):
-        self.details = details
-        self.kind = details.get("kind")
-        self.traceback = details.get("traceback", "")
-        self.epoch, self.index = details.get("epoch"), details.get("index")
-        self.sample = details.get("sample")
-        where = f" in batch (epoch {self.epoch}, index {self.index})" if self.epoch is not None else ""
-        if self.sample is not None:
-            where += f", sample {self.sample}"
-        super().__init__(f"{self.kind}{where}: {details.get('message')}"
-                         + (f"\n--- worker traceback ---\n{self.traceback}" if self.traceback else ""))
 
 
 @dataclass(frozen=True)
@@ -103,14 +80,29 @@ class BatchStream:
         """``generator()`` with each batch as CPU torch tensors over the same memory
         (``torch.from_numpy``, no copy). Keras on the torch backend copies every numpy input
         (``np.array``) before it sends it to the device; a tensor goes to the device as it is,
-        and from a ``pin_memory`` feed's ring at page-locked speed. Copy them to the device with
-        blocking copies (``x.to("cuda")``, as Keras does): a slot goes back to the ring when its
-        tensor dies, and an asynchronous copy might still be reading it."""
+        and from a ``pin_memory`` feed's ring at page-locked speed.
+
+        A slot goes back to the ring when its tensors die, but an asynchronous copy from
+        page-locked memory (``x.to("cuda", non_blocking=True)``) may still be reading it then.
+        So a pinned feed's generator keeps each batch until a CUDA event, recorded on the
+        current stream when the caller asks for the next batch, has completed: copies queued
+        on that stream are safe. Keras copies with blocking copies."""
         import torch
 
         batches = self.generator()
-        while True:  # no local may hold the last batch's arrays while this generator waits
-            yield tuple(torch.from_numpy(a) for a in next(batches))
+        if not self.pin_memory:
+            while True:  # no local may hold the last batch's arrays while this generator waits
+                yield tuple(torch.from_numpy(a) for a in next(batches))
+        copying: deque = deque()  # (batch, event) that a queued copy may still be reading
+        while True:
+            batch = tuple(torch.from_numpy(a) for a in next(batches))
+            yield batch
+            event = torch.cuda.Event()
+            event.record()  # after whatever the caller queued on its stream for this batch
+            copying.append((batch, event))
+            del batch
+            while copying and copying[0][1].query():
+                copying.popleft()
 
     def as_tf_dataset(self, prefetch: int = 2):
         """A prefetching ``tf.data.Dataset`` whose ``element_spec`` is known without peeking."""
@@ -164,6 +156,7 @@ class Feed(BatchStream):
         self.endpoint = endpoint or default_endpoint(name)
         self.transport, self.job, self.shard = transport, job, tuple(shard)
         self.timeout_s, self.copy, self.prefetch = timeout_s, copy, prefetch
+        self.pin_memory = pin_memory
         self._cudart = pinning.cuda_runtime() if pin_memory else None
         self._curve = client_curve_options(curve_server_key, curve_secret_key)
         self._lock = threading.Lock()
@@ -316,7 +309,7 @@ class Feed(BatchStream):
         if self._mapping is not None and self._cudart is not None:
             try:
                 pinning.pin(self._cudart, self._mapping)
-            except pinning.PinMemoryError as exc:
+            except PinMemoryError as exc:
                 self._failure = exc
                 self._abandon()
         if self.spec is None:
@@ -501,5 +494,8 @@ class Feed(BatchStream):
                         self._sock.send_multipart([protocol.BYE])
                     self._sock.close(0)
                     self._monitor.close(0)
+                    # Arrays still lent keep the mapping through their leases; let the rest
+                    # go now, and with it a pinned ring's page lock.
+                    self._mapping = self._mailbox = None
                     return
                 self._keepalive(0.0)

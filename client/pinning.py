@@ -14,11 +14,13 @@ pages unmapped under it.
 
 from __future__ import annotations
 
+import logging
 import weakref
 
+from .errors import PinMemoryError
 
-class PinMemoryError(RuntimeError):
-    """``pin_memory=True`` cannot be honoured here."""
+log = logging.getLogger("ringfeed.client")
+_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context, not only the current one
 
 
 def cuda_runtime():
@@ -35,7 +37,7 @@ def cuda_runtime():
 
 def pin(cudart, mapping) -> None:
     """Register ``mapping`` (a ``RingMapping``) with CUDA until it is collected."""
-    error = int(cudart.cudaHostRegister(mapping.address, mapping.nbytes, 0))
+    error = int(cudart.cudaHostRegister(mapping.address, mapping.nbytes, _PORTABLE))
     if error:
         raise PinMemoryError(f"cudaHostRegister of the ring mapping ({mapping.nbytes:,} bytes at "
                              f"{mapping.address:#x}) failed with CUDA error {error}")
@@ -43,5 +45,7 @@ def pin(cudart, mapping) -> None:
 
 
 def _unpin(cudart, address: int, mmap_) -> None:
-    cudart.cudaHostUnregister(address)
-    del mmap_  # only now may the mapping go
+    """``mmap_`` is unused: the finalizer's reference to it keeps the mapping until this returns."""
+    error = int(cudart.cudaHostUnregister(address))
+    if error:
+        log.warning("cudaHostUnregister of the ring mapping at %#x failed with CUDA error %d", address, error)

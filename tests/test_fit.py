@@ -47,7 +47,7 @@ def test_fits_one_after_another_on_one_feed_do_not_pin_ring_slots(name):
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with Service(config, features=images, labels=labels) as svc, Feed(svc.endpoint, prefetch=2) as feed:
         for _ in range(5):
-            model.fit(feed.generator(), steps_per_epoch=6, epochs=1, verbose=0)
+            model.fit(feed.generator(), steps_per_epoch=6, epochs=1, verbose=0, shuffle=False)
         # tf.data's prefetch of the last fit still lends batches until its iterator is collected,
         # and their slots go back with the feed's next ACK, which the next two reads send.
         gc.collect()

@@ -59,6 +59,8 @@ def test_a_live_tensor_keeps_its_slot_and_its_data(service):
         batches = feed.torch_generator()
         for _ in range(3):
             x, _ = next(batches)
+        mapping = feed._mapping
+        assert mapping.address <= x.data_ptr() < mapping.address + mapping.nbytes  # lent, not copied
         kept = x.clone()
         for _ in range(10):  # more batches than the ring has slots, while x is alive
             next(batches)
