@@ -29,8 +29,9 @@ Each input gets its own freshly initialised model (same seed), traced by an
 untimed fit; then interleaved rounds, timed from the end of step ``--warmup``
 to the end of the last step, as in ``fit.py``. Without CUDA it runs on the
 CPU, and says so in its output (the test suite runs ``--quick`` that way).
+It sets ``KERAS_BACKEND=torch`` itself; PyTorch must be installed.
 
-    KERAS_BACKEND=torch .venv/bin/python benchmarks/gpu_fit.py [--quick] [--workers N] [--out DIR]
+    .venv/bin/python benchmarks/gpu_fit.py [--quick] [--workers N] [--ringfeed-workers N ...] [--out DIR]
 """
 
 from __future__ import annotations
