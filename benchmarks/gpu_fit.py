@@ -48,30 +48,22 @@ import fit  # noqa: E402
 from benchlib import AUGMENT, BATCH, SEED, log  # noqa: E402
 
 
-class DeviceCeiling(fit.Input):
-    def __init__(self, features, labels, device: str):
+class RepeatedBatch(fit.Input):
+    """The model alone: one batch yielded again and again, kept where its name says."""
+
+    LABELS = {"ceiling": "model alone, one batch already on the device",
+              "host-batch": "model alone, one numpy batch copied to the device each step",
+              "host-batch-pinned": "model alone, one pinned batch copied to the device each step"}
+
+    def __init__(self, name: str, features, labels, device: str):
         import numpy as np
         import torch
 
-        super().__init__("ceiling", "model alone, one batch already on the device")
-        x, y = benchlib.classic_batch(features, labels, np.random.default_rng(SEED))
-        self.batch = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
-
-    def data(self, round_: int):
-        return fit.repeat(self.batch)
-
-
-class HostBatch(fit.Input):
-    def __init__(self, features, labels, pinned: bool = False):
-        import numpy as np
-        import torch
-
-        if pinned:
-            super().__init__("host-batch-pinned", "model alone, one pinned batch copied to the device each step")
-        else:
-            super().__init__("host-batch", "model alone, one numpy batch copied to the device each step")
+        super().__init__(name, self.LABELS[name])
         self.batch = benchlib.classic_batch(features, labels, np.random.default_rng(SEED))
-        if pinned:
+        if name == "ceiling":
+            self.batch = tuple(torch.as_tensor(a, device=device) for a in self.batch)
+        elif name == "host-batch-pinned":
             self.batch = tuple(torch.as_tensor(a).pin_memory() for a in self.batch)
 
     def data(self, round_: int):
@@ -195,9 +187,9 @@ def main() -> None:
                                  model="Conv2D(16, 3, strides=2, relu) -> GlobalAveragePooling2D -> Dense(10), adam",
                                  **info)
         cuda = info["device"] == "cuda"
-        host = HostBatch(features, labels)
-        inputs: list[fit.Input] = [DeviceCeiling(features, labels, info["device"]), host]
-        inputs += [HostBatch(features, labels, pinned=True)] if cuda else []
+        host = RepeatedBatch("host-batch", features, labels, info["device"])
+        inputs: list[fit.Input] = [RepeatedBatch("ceiling", features, labels, info["device"]), host]
+        inputs += [RepeatedBatch("host-batch-pinned", features, labels, info["device"])] if cuda else []
         inputs += [fit.Classic(features, labels), loader]
         # Page-locking needs CUDA: on the CPU there is nothing to pin for.
         kinds = (fit.RingfeedGenerator, RingfeedTorch) + ((RingfeedTorchPinned,) if cuda else ())

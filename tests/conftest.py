@@ -72,5 +72,18 @@ def expected_batches(config, images, labels, n):
         os.unlink(f"/dev/shm/{segment}")
 
 
+def leased_slots(endpoint: str, at_most: int, seconds: float = 5.0) -> int:
+    """The service's leased slots, once they have fallen to ``at_most`` or after ``seconds``
+    (slots come back with a feed's next ACK, a moment after the arrays die)."""
+    import time
+
+    from client.status import query_status
+
+    deadline = time.monotonic() + seconds
+    while (held := query_status(endpoint)["slots"]["leased"]) > at_most and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return held
+
+
 def ringfeed_segments() -> set[str]:
     return {f for f in os.listdir("/dev/shm") if f.startswith("ringfeed-")}

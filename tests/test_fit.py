@@ -4,7 +4,6 @@ import gc
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -35,10 +34,9 @@ def test_fits_one_after_another_on_one_feed_do_not_pin_ring_slots(name):
     lent, each fit would pin two more slots until the workers had none."""
     import keras
     import numpy as np
-    from conftest import rgb_images
+    from conftest import leased_slots, rgb_images
 
     from client import Feed
-    from client.status import query_status
     from loader_server import Config, Service
 
     images, labels = rgb_images(64, 8), np.arange(64) % 4
@@ -53,7 +51,5 @@ def test_fits_one_after_another_on_one_feed_do_not_pin_ring_slots(name):
         gc.collect()
         feed.next_batch(copy=True)
         feed.next_batch(copy=True)
-        deadline = time.monotonic() + 5.0
-        while (held := query_status(svc.endpoint)["slots"]["leased"]) > 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        held = leased_slots(svc.endpoint, at_most=2)
     assert held <= 2  # the feed's prefetch; pinned slots would have kept all 8 leased

@@ -8,16 +8,14 @@ Keras backend is chosen once per process, and this one runs TensorFlow's.
 from __future__ import annotations
 
 import gc
-import time
 
 import numpy as np
 import pytest
-from conftest import IMAGENET, rgb_images
+from conftest import IMAGENET, leased_slots, rgb_images
 
 torch = pytest.importorskip("torch")
 
 from client import Feed, PinMemoryError  # noqa: E402
-from client.status import query_status  # noqa: E402
 from loader_server import Config, Service  # noqa: E402
 
 
@@ -27,14 +25,6 @@ def service(name):
     config = Config(batch_size=8, workers=1, slots=8, name=name, seed=5, augment=IMAGENET)
     with Service(config, features=images, labels=labels) as svc:
         yield svc
-
-
-def leased(endpoint: str, at_most: int) -> int:
-    """Leased slots, once they have fallen to ``at_most`` or after 5 s."""
-    deadline = time.monotonic() + 5.0
-    while (held := query_status(endpoint)["slots"]["leased"]) > at_most and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return held
 
 
 def test_torch_generator_gives_the_stream_as_tensors_over_the_ring(service):
@@ -51,7 +41,7 @@ def test_torch_generator_gives_the_stream_as_tensors_over_the_ring(service):
         del x, y
         gc.collect()
         feed.next_batch(copy=True)  # sends the ACK that gives the dead tensors' slots back
-        assert leased(service.endpoint, at_most=4) <= 4  # the two feeds' prefetch: no tensor pins a slot
+        assert leased_slots(service.endpoint, at_most=4) <= 4  # the two feeds' prefetch: no tensor pins a slot
 
 
 def test_a_live_tensor_keeps_its_slot_and_its_data(service):
