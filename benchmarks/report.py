@@ -195,13 +195,13 @@ def render(results: Path, readme_dir: Path) -> str:
         took = ""
         if result:
             flags = run_flags(result["command"])
-        written = f"remote-{name.split('-')[1]}" if script == "remote" else script
-        if written != name:  # another machine's run of a script whose file this machine's run has
-            flags += [f"--out /tmp/{name} && mv /tmp/{name}/{written}.json benchmarks/results/{name}.json"]
             took = f"  # {result['duration_s'] / 60:.1f} min for the run above"
             if not RESULTS[name][1]:
                 took += f", on {result['machine']['cores']} cores" + (
                     f" and an {result['settings']['gpu']}" if result["settings"].get("gpu") else "")
+        written = f"remote-{name.split('-')[1]}" if script == "remote" else script
+        if written != name:  # another machine's run of a script whose file this machine's run has
+            flags += [f"--out /tmp/{name} && mv /tmp/{name}/{written}.json benchmarks/results/{name}.json"]
         lines.append(" ".join([".venv/bin/python", f"benchmarks/{script}.py", *flags]) + took)
     lines += [".venv/bin/python benchmarks/report.py --write-readme", "```"]
     return "\n".join(lines)

@@ -166,6 +166,7 @@ def test_report_renders_and_replaces_only_the_results_block(throughput, fit, del
     assert "tf.data map(AUTOTUNE)" in printed and "steps/s" in printed and "batches/s" in printed
     assert "16 buffers in turn" in printed
     assert "throughput.png" in printed and "benchmarks/throughput.py" in printed
+    assert "benchmarks/fit.py --quick  # " in printed  # each reproduce line says how long its run took
     readme = out / "README.md"
     readme.write_text("# title\n\nbefore\n<!-- results:start -->\nold numbers\n<!-- results:end -->\nafter\n")
     run_script("report.py", out, "--results", str(out), "--write-readme", "--readme", str(readme))
