@@ -88,11 +88,12 @@ class NumbaInProcess(Contender):
 
     def start(self, warmup: int) -> None:
         from loader_server.augment import Pipeline
+        from loader_server.ring import aligned_empty
         from loader_server.sampler import Sampler
 
         self.pipe = Pipeline(AUGMENT, IMAGE, np.uint8, compiled=True)
         self.sampler = Sampler(len(self.features), BATCH, SEED, "shuffle")
-        self.x = np.empty((BATCH, *self.pipe.out_shape), self.pipe.out_dtype)
+        self.x = aligned_empty((BATCH, *self.pipe.out_shape), self.pipe.out_dtype)  # as a slot's
         self.y = np.empty(BATCH, self.labels.dtype)
         super().start(warmup)
 
@@ -299,6 +300,16 @@ class RingfeedPrivate(RingfeedGenerator):
         self.label = f"ringfeed generator(), {workers} workers, private_data"
 
 
+class RingfeedPlainStores(RingfeedGenerator):
+    """The generator of a service whose workers write slots with plain stores
+    (``streaming_stores = false``): what streaming stores save."""
+
+    def __init__(self, endpoint: str, workers: int):
+        super().__init__(endpoint, workers)
+        self.name = f"ringfeed-plain-stores-generator-w{workers}"
+        self.label = f"ringfeed generator(), {workers} workers, plain stores"
+
+
 class RingfeedTfDataset(RingfeedGenerator):
     def __init__(self, endpoint: str, workers: int):
         super().__init__(endpoint, workers)
@@ -411,6 +422,9 @@ def main() -> None:
         except ConfigError as exc:  # one copy per worker may not fit in this host's memory
             log(f"skipping the private_data contender: {exc}")
             skipped.append({"name": RingfeedPrivate.named(cores), "reason": str(exc)})
+        for kind, w, endpoint in benchlib.ringfeed_services(stack, "tp", (RingfeedPlainStores,), features, labels,
+                                                            counts=[cores], streaming_stores=False):
+            ringfeed.append(kind(endpoint, w))
         rest = [ClassicGenerator(features, labels), NumbaInProcess(features, labels, False),
                 NumbaInProcess(features, labels, True), TfData(features, labels)] + ringfeed
         for c in rest:

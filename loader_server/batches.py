@@ -49,7 +49,7 @@ class BatchMaker:
         keys = sample_keys(self.config.seed, epoch, index, self.config.batch_size)
         skipped = 0
         try:
-            self.pipeline.run(self.features, idx, keys, x)
+            self.pipeline.run(self.features, idx, keys, x, self.config.streaming_stores)
         except Exception as exc:
             bad = self._failing_sample(idx, keys, x)
             if bad is None:
@@ -61,7 +61,7 @@ class BatchMaker:
                 idx[bad.position] = self._replacement(idx, keys, bad)
                 skipped += 1
                 bad = self._failing_sample(idx, keys, x)
-            self.pipeline.run(self.features, idx, keys, x)
+            self.pipeline.run(self.features, idx, keys, x, self.config.streaming_stores)
         np.take(self.labels, idx, axis=0, out=y)
         return skipped
 

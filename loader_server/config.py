@@ -48,6 +48,7 @@ class Config:
     augment: tuple = ()
     jit: bool = True
     private_data: bool = False
+    streaming_stores: bool = True
     threads_per_worker: int = 1
     worker_nice: int = 10
     heartbeat_s: float = 1.0
@@ -80,7 +81,7 @@ class Config:
             raise ConfigError(f"sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
         if self.on_error not in ON_ERROR_MODES:
             raise ConfigError(f"on_error must be one of {ON_ERROR_MODES}, got {self.on_error!r}")
-        for option in ("ordered", "jit", "private_data"):
+        for option in ("ordered", "jit", "private_data", "streaming_stores"):
             if not isinstance(getattr(self, option), bool):
                 raise ConfigError(f"{option} must be true or false, got {getattr(self, option)!r}")
         if not isinstance(self.name, str) or not self.name.replace("-", "").replace("_", "").isalnum():

@@ -43,6 +43,16 @@ def _round_up(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
+def aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """An empty array aligned as a slot's arrays are (numpy's own may start on 16 bytes), so
+    a batch made into it runs the kernels a slot gets: warm-ups compile those."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 @dataclass(frozen=True)
 class Layout:
     segment: str

@@ -43,7 +43,7 @@ from .broker import Broker
 from .config import Config, ConfigError
 from .pool import WorkerPool
 from .procs import die_with_parent
-from .ring import Layout, Ring
+from .ring import Layout, Ring, aligned_empty
 from .auth import secure_frontend
 from .batches import BatchMaker, SampleError
 from .worker import WorkerSpec
@@ -101,7 +101,7 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
         maker = BatchMaker(replace(config, private_data=False), source)  # workers make the copies
         x_shape = (config.batch_size, *maker.pipeline.out_shape)
         y_shape = (config.batch_size, *maker.labels.shape[1:])
-        x, y = np.empty(x_shape, maker.pipeline.out_dtype), np.empty(y_shape, maker.labels.dtype)
+        x, y = aligned_empty(x_shape, maker.pipeline.out_dtype), np.empty(y_shape, maker.labels.dtype)
         try:  # refuses pipelines that fail, and warms the numba cache for the workers
             maker.make(0, 0, x, y)
         except SampleError as exc:

@@ -43,7 +43,7 @@ from .batches import BatchMaker, SampleError
 from .channel import Channel, ChannelError
 from .config import Config
 from .procs import die_with_parent
-from .ring import Layout, Ring
+from .ring import Layout, Ring, aligned_empty
 from .sources import SourceRef
 
 POLL_MS = 500
@@ -68,7 +68,8 @@ def worker_main(spec: WorkerSpec, link: socket.socket) -> None:
     numba.set_num_threads(min(spec.config.threads_per_worker, numba.config.NUMBA_NUM_THREADS))
     maker = BatchMaker(spec.config, spec.source)
     ring = Ring(spec.layout, create=False)
-    maker.make(0, 0, np.empty_like(ring.x[0]), np.empty_like(ring.y[0]))  # compile before W_HELLO
+    # Compile before W_HELLO, into a buffer aligned as the slots are, so the same kernels compile.
+    maker.make(0, 0, aligned_empty(ring.x[0].shape, ring.x[0].dtype), np.empty_like(ring.y[0]))
 
     channel = Channel(link)
     try:

@@ -1,5 +1,9 @@
 """Kernels compiled and as plain Python, op semantics, and pipeline validation."""
 
+import platform
+import re
+
+import numba
 import numpy as np
 import pytest
 from conftest import id_images, rgb_images
@@ -7,6 +11,7 @@ from conftest import id_images, rgb_images
 from loader_server.augment import Pipeline, kernels
 from loader_server.augment.jit import python_version
 from loader_server.augment.rng import sample_keys, uniform
+from loader_server.augment.streaming import rows_aligned
 from loader_server.config import ConfigError
 
 B = 6
@@ -88,6 +93,64 @@ def test_gather_convert_matches_numpy_with_whole_rows_padding_and_flips(compiled
         pixels = src[idx[b]][np.clip(ys, 0, 11)[:, None], np.clip(xs, 0, 11)[None, :]].astype(np.float32)
         expected = np.where(inside[..., None], pixels * scale + shift, shift)
         np.testing.assert_array_equal(out[b], expected, err_msg=f"sample {b}")
+
+
+def _slot_like(shape, offset=0):
+    """A float32 array starting ``offset`` bytes past a 64-byte boundary."""
+    raw = np.empty(int(np.prod(shape)) * 4 + 128, np.uint8)
+    start = -raw.ctypes.data % 64 + offset
+    return raw[start:start + int(np.prod(shape)) * 4].view(np.float32).reshape(shape)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("offset", [0, 4, 16, 32])
+@pytest.mark.parametrize("size", [8, 5])
+def test_streamed_gather_convert_writes_what_gather_convert_writes(compiled, offset, size):
+    """Rows of 8 x 3 floats are 32-byte aligned at offsets 0 and 32 and streamed; at 4 and 16, and
+    rows of 5 x 3 floats, are not, and go through the row buffer with plain stores."""
+    src = rgb_images(B, size=12)
+    args = (src, np.array([3, 0, 5, 1, 2, 4]), np.array([0, 4, -3, 2, 9, 0]), np.array([4, 11, 13, -2, 11, 7]),
+            np.array([1, 1, 1, 1, -1, 1]), np.array([1, -1, -1, 1, -1, -1]), np.float32([0.5, 2, 1]),
+            np.float32([0, 1, -1]))
+    expected = np.full((B, size, size, 3), np.nan, np.float32)
+    kernels.gather_convert(*args, expected)
+    out = _slot_like((B, size, size, 3), offset)
+    out[:] = np.nan
+    (kernels.gather_convert_streamed if compiled else python_version(kernels.gather_convert_streamed))(*args, out)
+    np.testing.assert_array_equal(out, expected)
+    assert rows_aligned(out.reshape(B, size, -1)) == (size == 8 and offset % 32 == 0)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="checks x86-64 instructions")
+def test_streamed_kernel_compiles_to_streaming_stores_and_a_store_fence():
+    fresh = numba.njit(parallel=True, error_model="numpy")(python_version(kernels.gather_convert_streamed))
+    src = rgb_images(2, size=12)
+    fresh(src, np.arange(2), np.zeros(2, np.int64), np.zeros(2, np.int64), np.ones(2, np.int64),
+          np.ones(2, np.int64), np.ones(3, np.float32), np.zeros(3, np.float32), _slot_like((2, 8, 8, 3)))
+    assembly = "\n".join(fresh.inspect_asm().values())
+    assert re.search(r"\bv?movnt", assembly) and "sfence" in assembly
+
+
+def test_pipeline_streams_only_into_aligned_rows_when_the_gather_is_the_last_pass(monkeypatch):
+    images = rgb_images(B, size=12)
+    calls = []
+    for name in ("gather_convert", "gather_convert_streamed"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, k=kernel, n=name: (calls.append(n), k(*a)))
+    crop = [{"op": "random_crop", "size": [8, 8]}, {"op": "normalize", "mean": 0.5, "std": 0.25}]
+    cases = [(crop, 0, True, "gather_convert_streamed"), (crop, 0, False, "gather_convert"),
+             (crop, 16, True, "gather_convert"),
+             (crop + [{"op": "brightness", "max_delta": 0.1}], 0, True, "gather_convert")]
+    outs = []
+    for specs, offset, stream, chosen in cases:
+        pipe = Pipeline(specs, images.shape[1:], images.dtype)
+        out = _slot_like((B, *pipe.out_shape), offset)
+        calls.clear()
+        pipe.run(images, np.arange(B), sample_keys(5, 0, 0, B), out, stream=stream)
+        assert calls == [chosen], (specs, offset, stream)
+        outs.append(out.copy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
 
 
 def _run(specs, features, compiled=True, idx=None, epoch=0):

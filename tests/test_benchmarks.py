@@ -82,7 +82,8 @@ def ringfeed_names(*kinds: str) -> set[str]:
 def test_throughput_measures_every_contender(throughput, out):
     torch_names = {"torch-per-sample", "torch-numba-batch"}
     expected = {"classic-generator", "numba-1-thread", "numba-all-cores", "tf.data", "keras-pydataset"} \
-        | ringfeed_names("generator", "tf-dataset") | {f"ringfeed-private-generator-w{os.cpu_count()}"}
+        | ringfeed_names("generator", "tf-dataset") \
+        | {f"ringfeed-{kind}-generator-w{os.cpu_count()}" for kind in ("private", "plain-stores")}
     measured = {row["name"]: row for row in throughput["contenders"]}
     skipped = {row["name"] for row in throughput["skipped"]}
     if importlib.util.find_spec("torch") is None:

@@ -16,6 +16,7 @@ from loader_server.config import Config, ConfigError, from_mapping, load_toml
     ({"worker_nice": 20}, "worker_nice must be at most 19 (the lowest priority), got 20"),
     ({"worker_nice": -1}, "worker_nice must be an integer >= 0, got -1"),
     ({"private_data": "yes"}, "private_data must be true or false, got 'yes'"),
+    ({"streaming_stores": 1}, "streaming_stores must be true or false, got 1"),
     ({"ordered": 1}, "ordered must be true or false, got 1"),
 ])
 def test_bad_options_name_the_value(options, fragment):

@@ -141,6 +141,28 @@ def test_custom_op_end_to_end_matches_an_in_process_recomputation(name):
     assert ex.tobytes() == x.tobytes() and np.array_equal(ey, y)
 
 
+def test_slots_written_with_streaming_stores_hold_the_batches_plain_stores_make(name):
+    """crop/flip/normalize to 24 x 24 x 3 floats: rows of 72 floats start on 32-byte boundaries
+    in a slot, so workers write them with streaming stores, unless ``streaming_stores`` is off."""
+    images = rgb_images(300, 32)
+    batches = {}
+    for streaming in (True, False):
+        config = Config(batch_size=16, workers=2, name=f"{name}{streaming:d}", seed=3, augment=IMAGENET,
+                        streaming_stores=streaming)
+        with Service(config, features=images, labels=np.arange(300)) as svc, Feed(svc.endpoint) as feed:
+            batches[streaming] = take(feed, 2 * feed.steps_per_epoch)
+    segment = f"ringfeed-{os.getpid()}-abcdef02-data"
+    try:
+        maker = BatchMaker(config, publish(images, np.arange(300), segment))
+        ex, ey = np.empty_like(batches[True][-1][0]), np.empty_like(batches[True][-1][1])  # numpy's: not streamed
+        maker.make(1, maker.sampler.steps_per_epoch - 1, ex, ey)
+    finally:
+        os.unlink(f"/dev/shm/{segment}")
+    for (x, y), (px, py) in zip(batches[True], batches[False]):
+        assert x.tobytes() == px.tobytes() and np.array_equal(y, py)
+    assert ex.tobytes() == batches[True][-1][0].tobytes() and np.array_equal(ey, batches[True][-1][1])
+
+
 def test_worker_exception_reaches_the_client_with_its_traceback(name):
     images = rgb_images(64, 8) // 2
     poisoned = Sampler(64, 8, 4, "shuffle").indices(0, 1)[3]  # in batch (0, 1), not in (0, 0)

@@ -20,6 +20,7 @@ from ..config import ConfigError
 from . import kernels
 from .jit import select
 from .ops import OPS, Frame, GeoMap, Normalize, Op
+from .streaming import rows_aligned
 
 
 class Pipeline:
@@ -57,9 +58,12 @@ class Pipeline:
         self.out_shape = (frame.h, frame.w, frame.c) if image else (frame.c,)
         self._frame = frame
 
-    def run(self, features: np.ndarray, idx: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
+    def run(self, features: np.ndarray, idx: np.ndarray, keys: np.ndarray, out: np.ndarray,
+            stream: bool = False) -> None:
         """Write the augmented samples ``features[idx]`` into ``out`` (B, *out_shape); both must
-        be C-contiguous, as the dataset sources and ring slots are."""
+        be C-contiguous, as the dataset sources and ring slots are. ``stream`` is for an ``out``
+        that will not be read soon (a ring slot): a float gather that is the last pass writes it
+        with streaming stores, if its rows are 32-byte aligned (``streaming.py``)."""
         if not (features.flags.c_contiguous and out.flags.c_contiguous):
             raise ValueError("Pipeline.run needs C-contiguous features and out, got "
                              f"{features.flags.c_contiguous} and {out.flags.c_contiguous}")
@@ -70,8 +74,10 @@ class Pipeline:
         for op in self.geometry:
             op.apply(geo, keys)
         if self.float_out:
-            select(kernels.gather_convert, self.compiled)(
-                src, idx, geo.ay, geo.ax, geo.sy, geo.sx, self.scale, self.shift, dst)
+            convert = kernels.gather_convert
+            if stream and not self.pixel and rows_aligned(dst.reshape(batch, self._frame.h, -1)):
+                convert = kernels.gather_convert_streamed
+            select(convert, self.compiled)(src, idx, geo.ay, geo.ax, geo.sy, geo.sx, self.scale, self.shift, dst)
         else:
             select(kernels.gather_copy, self.compiled)(src, idx, geo.ay, geo.ax, geo.sy, geo.sx, dst)
         for op in self.pixel:
