@@ -179,18 +179,20 @@ def main() -> None:
                              batch_bytes=batch_bytes, augment=augment, seconds_per_round=seconds,
                              targets={"tcp_vs_raw": TARGET_RATIO})
     with ExitStack() as stack:
-        def service(tag: str, workers: int, tcp: bool):
+        def service(tag: str, workers: int, tcp: bool, **options):
             endpoint = f"tcp://127.0.0.1:{free_port()}" if tcp else None
             config = Config(batch_size=BATCH, workers=workers, seed=SEED, augment=augment, endpoint=endpoint,
-                            name=benchlib.service_name("remote", tag))
+                            name=benchlib.service_name("remote", tag), **options)
             return stack.enter_context(Service(config, features=features, labels=labels))
 
-        log("starting services: one on tcp with 2 workers, three on tcp with 1 worker each")
+        log("starting services: two on tcp with 2 workers (one with plain stores), three on tcp with 1 worker each")
         single = service("single", 2, tcp=True)
+        plain = service("plain", 2, tcp=True, streaming_stores=False)
         trio = [service(f"trio{k}", 1, tcp=True) for k in range(3)]
         making = RawZmq(batch_bytes, RING_BUFFERS, (args.workload, samples))
         routes = [RawZmq(batch_bytes), RawZmq(batch_bytes, RING_BUFFERS), making,
                   RingfeedRoute("ringfeed tcp frames", single.endpoint, "frames", batch_bytes),
+                  RingfeedRoute("ringfeed tcp frames, plain stores", plain.endpoint, "frames", batch_bytes),
                   RingfeedRoute("ringfeed shm (same server)", single.endpoint, "shm", batch_bytes),
                   RingfeedRoute("ringfeed 3 servers fan-in", [s.endpoint for s in trio], "frames", batch_bytes)]
         for route in routes:

@@ -43,13 +43,14 @@ class BatchMaker:
         self.pipeline = Pipeline(config.augment, self.features.shape[1:], self.features.dtype, config.jit)
         self._one = None
 
-    def make(self, epoch: int, index: int, x: np.ndarray, y: np.ndarray) -> int:
-        """Write batch (epoch, index) into ``x`` and ``y``; return how many samples were skipped."""
+    def make(self, epoch: int, index: int, x: np.ndarray, y: np.ndarray, stream: bool = False) -> int:
+        """Write batch (epoch, index) into ``x`` and ``y``; return how many samples were skipped.
+        ``stream``: ``x`` is a ring slot, which nobody reads soon (``Pipeline.run``)."""
         idx = self.sampler.indices(epoch, index)
         keys = sample_keys(self.config.seed, epoch, index, self.config.batch_size)
         skipped = 0
         try:
-            self.pipeline.run(self.features, idx, keys, x, self.config.streaming_stores)
+            self.pipeline.run(self.features, idx, keys, x, stream)
         except Exception as exc:
             bad = self._failing_sample(idx, keys, x)
             if bad is None:
@@ -61,7 +62,7 @@ class BatchMaker:
                 idx[bad.position] = self._replacement(idx, keys, bad)
                 skipped += 1
                 bad = self._failing_sample(idx, keys, x)
-            self.pipeline.run(self.features, idx, keys, x, self.config.streaming_stores)
+            self.pipeline.run(self.features, idx, keys, x, stream)
         np.take(self.labels, idx, axis=0, out=y)
         return skipped
 

@@ -446,7 +446,7 @@ class Broker:
                 self.workers[worker_id].isolated = True
             client = self.clients[task.client]
             epoch, index = client.job.position(task.seq)
-            slot_id = self.free.pop()  # the most recently freed slot is the likeliest still in cache
+            slot_id = self.free.pop()  # with plain stores, the most recently freed slot is the likeliest cached
             self.slots[slot_id] = Slot(SlotState.FILLING, worker_id, task.client, client.job, task.seq,
                                        epoch, index)
             self.workers[worker_id].inflight.add(slot_id)

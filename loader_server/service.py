@@ -103,7 +103,7 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
         y_shape = (config.batch_size, *maker.labels.shape[1:])
         x, y = aligned_empty(x_shape, maker.pipeline.out_dtype), np.empty(y_shape, maker.labels.dtype)
         try:  # refuses pipelines that fail, and warms the numba cache for the workers
-            maker.make(0, 0, x, y)
+            maker.make(0, 0, x, y, config.streaming_stores)
         except SampleError as exc:
             raise ConfigError(f"the augmentation pipeline failed on batch (epoch 0, index 0), "
                               f"sample {exc.sample}: {exc}\n{exc.trace}") from exc
@@ -131,13 +131,16 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
         started = time.monotonic()
 
         def ready():
-            frontend.bind(config.endpoint)
+            umask = os.umask(0o177)  # an ipc socket is born owner-only (0600), never briefly wider
+            try:
+                frontend.bind(config.endpoint)
+            finally:
+                os.umask(umask)
             if _exposed(config.endpoint) and not config.curve_secret_key:
                 log.warning("listening on %s without CURVE: anyone who reaches this port can read the "
                             "batches (see ringfeed keys)", config.endpoint)
             ipc = _ipc_path(config.endpoint)
             if ipc is not None:
-                ipc.chmod(0o600)
                 cleanup_paths.append(ipc)
             state_file(config.name).write_text(json.dumps(
                 {"pid": os.getpid(), "endpoint": config.endpoint, "name": config.name}))

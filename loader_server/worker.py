@@ -69,7 +69,8 @@ def worker_main(spec: WorkerSpec, link: socket.socket) -> None:
     maker = BatchMaker(spec.config, spec.source)
     ring = Ring(spec.layout, create=False)
     # Compile before W_HELLO, into a buffer aligned as the slots are, so the same kernels compile.
-    maker.make(0, 0, aligned_empty(ring.x[0].shape, ring.x[0].dtype), np.empty_like(ring.y[0]))
+    maker.make(0, 0, aligned_empty(ring.x[0].shape, ring.x[0].dtype), np.empty_like(ring.y[0]),
+               spec.config.streaming_stores)
 
     channel = Channel(link)
     try:
@@ -103,7 +104,8 @@ def _serve(channel: Channel, maker: BatchMaker, ring: Ring, parent_pid: int) -> 
         task = tasks.popleft()
         started = time.perf_counter()
         try:
-            skipped = maker.make(task.epoch, task.index, ring.x[task.slot], ring.y[task.slot])
+            skipped = maker.make(task.epoch, task.index, ring.x[task.slot], ring.y[task.slot],
+                                 maker.config.streaming_stores)
         except Exception as exc:  # travels to the client as data
             _report(channel, done)
             channel.send(protocol.worker_error(task.slot, _error_details(exc, task)))

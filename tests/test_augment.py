@@ -11,7 +11,7 @@ from conftest import id_images, rgb_images
 from loader_server.augment import Pipeline, kernels
 from loader_server.augment.jit import python_version
 from loader_server.augment.rng import sample_keys, uniform
-from loader_server.augment.streaming import rows_aligned
+from loader_server.augment.streaming import rows_aligned, stream_span
 from loader_server.config import ConfigError
 
 B = 6
@@ -33,6 +33,13 @@ def _both(kernel, *args):
             fn(*copies)
         outs.append(copies)
     return outs
+
+
+def _slot_like(shape, offset=0):
+    """A float32 array starting ``offset`` bytes past a 64-byte boundary."""
+    raw = np.empty(int(np.prod(shape)) * 4 + 128, np.uint8)
+    start = -raw.ctypes.data % 64 + offset
+    return raw[start:start + int(np.prod(shape)) * 4].view(np.float32).reshape(shape)
 
 
 KERNEL_CASES = {
@@ -76,16 +83,18 @@ def test_gather_copy_matches_numpy_indexing_with_whole_rows_padding_and_flips(co
 
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
-def test_gather_convert_matches_numpy_with_whole_rows_padding_and_flips(compiled, dtype):
+@pytest.mark.parametrize("name", ["gather_convert", "gather_convert_streamed"])
+def test_gather_convert_matches_numpy_with_whole_rows_padding_and_flips(compiled, dtype, name):
     src = rgb_images(B, size=12).astype(dtype)
     idx = np.array([3, 0, 5, 1, 2, 4])
-    # whole rows ending at the edge; flipped whole rows; flipped rows partly outside, under
-    # padded rows; unflipped rows partly outside; rows read bottom up
-    ay, ax = np.array([0, 4, -3, 2, 9, 0]), np.array([4, 11, 13, -2, 11, 7])
+    # whole rows ending at the edge; flipped whole rows under padded rows; flipped rows partly
+    # outside, under padded rows; unflipped rows partly outside; rows read bottom up
+    ay, ax = np.array([0, -2, -3, 2, 9, 0]), np.array([4, 11, 13, -2, 11, 7])
     sy, sx = np.array([1, 1, 1, 1, -1, 1]), np.array([1, -1, -1, 1, -1, -1])
     scale, shift = np.float32([0.5, 2, 1]), np.float32([0, 1, -1])
-    out = np.full((B, 8, 8, 3), np.nan, np.float32)
-    kernel = kernels.gather_convert if compiled else python_version(kernels.gather_convert)
+    out = _slot_like((B, 8, 8, 3))  # rows of 8 x 3 floats, 32-byte aligned: streamed where compiled
+    out[:] = np.nan
+    kernel = getattr(kernels, name) if compiled else python_version(getattr(kernels, name))
     kernel(src, idx, ay, ax, sy, sx, scale, shift, out)
     for b in range(B):
         ys, xs = ay[b] + sy[b] * np.arange(8), ax[b] + sx[b] * np.arange(8)
@@ -93,13 +102,6 @@ def test_gather_convert_matches_numpy_with_whole_rows_padding_and_flips(compiled
         pixels = src[idx[b]][np.clip(ys, 0, 11)[:, None], np.clip(xs, 0, 11)[None, :]].astype(np.float32)
         expected = np.where(inside[..., None], pixels * scale + shift, shift)
         np.testing.assert_array_equal(out[b], expected, err_msg=f"sample {b}")
-
-
-def _slot_like(shape, offset=0):
-    """A float32 array starting ``offset`` bytes past a 64-byte boundary."""
-    raw = np.empty(int(np.prod(shape)) * 4 + 128, np.uint8)
-    start = -raw.ctypes.data % 64 + offset
-    return raw[start:start + int(np.prod(shape)) * 4].view(np.float32).reshape(shape)
 
 
 @pytest.mark.parametrize("compiled", [True, False])
@@ -129,6 +131,14 @@ def test_streamed_kernel_compiles_to_streaming_stores_and_a_store_fence():
           np.ones(2, np.int64), np.ones(3, np.float32), np.zeros(3, np.float32), _slot_like((2, 8, 8, 3)))
     assembly = "\n".join(fresh.inspect_asm().values())
     assert re.search(r"\bv?movnt", assembly) and "sfence" in assembly
+
+
+def test_compiled_stream_span_is_the_whole_row_only_for_aligned_rows():
+    span = numba.njit(lambda rows: stream_span(rows))
+    assert span(_slot_like((4, 8, 24))) == 24
+    assert span(_slot_like((4, 8, 24), offset=16)) == 0
+    assert span(_slot_like((4, 8, 15))) == 0
+    assert stream_span(_slot_like((4, 8, 24))) == 0  # plain Python streams nothing
 
 
 def test_pipeline_streams_only_into_aligned_rows_when_the_gather_is_the_last_pass(monkeypatch):

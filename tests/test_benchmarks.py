@@ -149,6 +149,7 @@ def test_remote_measures_raw_pyzmq_and_every_ringfeed_route(remote):
     rows = {row["name"]: row for row in remote["contenders"]}
     assert set(rows) == {"raw pyzmq tcp", "raw pyzmq tcp, 16 buffers in turn",
                          "raw pyzmq tcp, sender makes each batch (1 core)", "ringfeed tcp frames",
+                         "ringfeed tcp frames, plain stores",
                          "ringfeed shm (same server)", "ringfeed 3 servers fan-in"}
     assert rows["raw pyzmq tcp"]["ratio_to_raw_pyzmq"] == pytest.approx(1.0)
     for name, row in rows.items():

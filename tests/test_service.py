@@ -14,7 +14,9 @@ from client.status import query_status
 from loader_server import Config, ConfigError, Service
 from loader_server.sampler import Sampler
 from loader_server.sources import publish
+from loader_server.augment import kernels
 from loader_server.batches import BatchMaker
+from loader_server.ring import aligned_empty
 
 
 def take(feed, n, copy=True):
@@ -161,6 +163,23 @@ def test_slots_written_with_streaming_stores_hold_the_batches_plain_stores_make(
     for (x, y), (px, py) in zip(batches[True], batches[False]):
         assert x.tobytes() == px.tobytes() and np.array_equal(y, py)
     assert ex.tobytes() == batches[True][-1][0].tobytes() and np.array_equal(ey, batches[True][-1][1])
+
+
+def test_batch_maker_streams_only_when_told_its_x_is_a_slot(monkeypatch):
+    images = rgb_images(64, 32)
+    calls = []
+    for kernel in ("gather_convert", "gather_convert_streamed"):
+        original = getattr(kernels, kernel)
+        monkeypatch.setattr(kernels, kernel, lambda *a, k=original, n=kernel: (calls.append(n), k(*a)))
+    segment = f"ringfeed-{os.getpid()}-abcdef03-data"
+    try:
+        maker = BatchMaker(Config(batch_size=8, workers=1, augment=IMAGENET), publish(images, np.arange(64), segment))
+        x, y = aligned_empty((8, 24, 24, 3), np.float32), np.empty(8, np.int64)
+        for stream in (True, False):
+            maker.make(0, 1, x, y, stream)
+    finally:
+        os.unlink(f"/dev/shm/{segment}")
+    assert calls == ["gather_convert_streamed", "gather_convert"]
 
 
 def test_worker_exception_reaches_the_client_with_its_traceback(name):

@@ -63,7 +63,8 @@ class Pipeline:
         """Write the augmented samples ``features[idx]`` into ``out`` (B, *out_shape); both must
         be C-contiguous, as the dataset sources and ring slots are. ``stream`` is for an ``out``
         that will not be read soon (a ring slot): a float gather that is the last pass writes it
-        with streaming stores, if its rows are 32-byte aligned (``streaming.py``)."""
+        with streaming stores, if its rows are 32-byte aligned (``streaming.py``) and the kernels
+        are compiled (plain Python has no streaming stores)."""
         if not (features.flags.c_contiguous and out.flags.c_contiguous):
             raise ValueError("Pipeline.run needs C-contiguous features and out, got "
                              f"{features.flags.c_contiguous} and {out.flags.c_contiguous}")
@@ -75,7 +76,7 @@ class Pipeline:
             op.apply(geo, keys)
         if self.float_out:
             convert = kernels.gather_convert
-            if stream and not self.pixel and rows_aligned(dst.reshape(batch, self._frame.h, -1)):
+            if stream and self.compiled and not self.pixel and rows_aligned(dst.reshape(batch, self._frame.h, -1)):
                 convert = kernels.gather_convert_streamed
             select(convert, self.compiled)(src, idx, geo.ay, geo.ax, geo.sy, geo.sx, self.scale, self.shift, dst)
         else:
