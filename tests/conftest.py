@@ -85,5 +85,15 @@ def leased_slots(endpoint: str, at_most: int, seconds: float = 5.0) -> int:
     return held
 
 
+def spy_kernels(monkeypatch, *names: str) -> list[str]:
+    """The names of the kernels ``names``, in the order they are called from now on (they still run)."""
+    from loader_server.augment import kernels
+
+    calls: list[str] = []
+    for name in names:
+        monkeypatch.setattr(kernels, name, lambda *a, k=getattr(kernels, name), n=name: (calls.append(n), k(*a)))
+    return calls
+
+
 def ringfeed_segments() -> set[str]:
     return {f for f in os.listdir("/dev/shm") if f.startswith("ringfeed-")}

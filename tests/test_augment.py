@@ -6,13 +6,14 @@ import re
 import numba
 import numpy as np
 import pytest
-from conftest import id_images, rgb_images
+from conftest import id_images, rgb_images, spy_kernels
 
 from loader_server.augment import Pipeline, kernels
 from loader_server.augment.jit import python_version
 from loader_server.augment.rng import sample_keys, uniform
 from loader_server.augment.streaming import rows_aligned, stream_span
 from loader_server.config import ConfigError
+from loader_server.ring import aligned_empty
 
 B = 6
 
@@ -36,10 +37,9 @@ def _both(kernel, *args):
 
 
 def _slot_like(shape, offset=0):
-    """A float32 array starting ``offset`` bytes past a 64-byte boundary."""
-    raw = np.empty(int(np.prod(shape)) * 4 + 128, np.uint8)
-    start = -raw.ctypes.data % 64 + offset
-    return raw[start:start + int(np.prod(shape)) * 4].view(np.float32).reshape(shape)
+    """A float32 array starting ``offset`` bytes past a slot's 64-byte alignment."""
+    nbytes = int(np.prod(shape)) * 4
+    return aligned_empty((offset + nbytes,), np.uint8)[offset:].view(np.float32).reshape(shape)
 
 
 KERNEL_CASES = {
@@ -143,10 +143,7 @@ def test_compiled_stream_span_is_the_whole_row_only_for_aligned_rows():
 
 def test_pipeline_streams_only_into_aligned_rows_when_the_gather_is_the_last_pass(monkeypatch):
     images = rgb_images(B, size=12)
-    calls = []
-    for name in ("gather_convert", "gather_convert_streamed"):
-        kernel = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, k=kernel, n=name: (calls.append(n), k(*a)))
+    calls = spy_kernels(monkeypatch, "gather_convert", "gather_convert_streamed")
     crop = [{"op": "random_crop", "size": [8, 8]}, {"op": "normalize", "mean": 0.5, "std": 0.25}]
     cases = [(crop, 0, True, "gather_convert_streamed"), (crop, 0, False, "gather_convert"),
              (crop, 16, True, "gather_convert"),

@@ -7,14 +7,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import IMAGENET, free_port, id_images, rgb_images, ringfeed_segments
+from conftest import IMAGENET, free_port, id_images, rgb_images, ringfeed_segments, spy_kernels
 
 from client import Feed, RemoteWorkerError, ServerGoneError
 from client.status import query_status
 from loader_server import Config, ConfigError, Service
 from loader_server.sampler import Sampler
 from loader_server.sources import publish
-from loader_server.augment import kernels
 from loader_server.batches import BatchMaker
 from loader_server.ring import aligned_empty
 
@@ -167,10 +166,7 @@ def test_slots_written_with_streaming_stores_hold_the_batches_plain_stores_make(
 
 def test_batch_maker_streams_only_when_told_its_x_is_a_slot(monkeypatch):
     images = rgb_images(64, 32)
-    calls = []
-    for kernel in ("gather_convert", "gather_convert_streamed"):
-        original = getattr(kernels, kernel)
-        monkeypatch.setattr(kernels, kernel, lambda *a, k=original, n=kernel: (calls.append(n), k(*a)))
+    calls = spy_kernels(monkeypatch, "gather_convert", "gather_convert_streamed")
     segment = f"ringfeed-{os.getpid()}-abcdef03-data"
     try:
         maker = BatchMaker(Config(batch_size=8, workers=1, augment=IMAGENET), publish(images, np.arange(64), segment))
