@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from client.paths import default_endpoint
+from client.paths import check_name, default_endpoint
 
 SAMPLING_MODES = ("shuffle", "replacement")
 ON_ERROR_MODES = ("raise", "skip")
@@ -84,8 +84,10 @@ class Config:
         for option in ("ordered", "jit", "private_data", "streaming_stores"):
             if not isinstance(getattr(self, option), bool):
                 raise ConfigError(f"{option} must be true or false, got {getattr(self, option)!r}")
-        if not isinstance(self.name, str) or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"name must be letters, digits, '-' or '_', got {self.name!r}")
+        try:
+            check_name(self.name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.data is not None and not isinstance(self.data, str):
             raise ConfigError(f"data must be a path string, got {self.data!r}")
         if self.endpoint is None:

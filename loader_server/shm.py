@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 
-from client.paths import SHM_DIR, SHM_PREFIX
+from client.paths import SEGMENT_NAME, SHM_DIR, SHM_PREFIX, pid_namespace_id
 
 from .config import ConfigError
 from .procs import pid_alive
 
-_NAME = re.compile(rf"^{SHM_PREFIX}-(\d+)-([0-9a-f]+)-(\w+)$")
 
 
 def segment_name(owner_pid: int, token: str, kind: str) -> str:
-    return f"{SHM_PREFIX}-{owner_pid}-{token}-{kind}"
+    name = f"{SHM_PREFIX}-{pid_namespace_id()}-{owner_pid}-{token}-{kind}"
+    if not SEGMENT_NAME.match(name):
+        raise ValueError(f"segment name {name!r} does not follow {SEGMENT_NAME.pattern}")
+    return name
 
 
 def create(name: str, nbytes: int) -> mmap.mmap:
@@ -74,8 +75,8 @@ def remove_stale() -> list[str]:
     """Unlink every ringfeed segment whose owner process no longer exists."""
     removed = []
     for entry in os.listdir(SHM_DIR):
-        match = _NAME.match(entry)
-        if match and not pid_alive(int(match.group(1))):
+        match = SEGMENT_NAME.match(entry)
+        if match and not pid_alive(int(match.group(2))):
             unlink(entry)
             removed.append(entry)
     return removed

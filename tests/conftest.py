@@ -97,3 +97,10 @@ def spy_kernels(monkeypatch, *names: str) -> list[str]:
 
 def ringfeed_segments() -> set[str]:
     return {f for f in os.listdir("/dev/shm") if f.startswith("ringfeed-")}
+
+
+def segments_of(pid: int) -> set[str]:
+    """The ringfeed segments that name ``pid`` as their owner."""
+    from client.paths import SEGMENT_NAME
+
+    return {s for s in ringfeed_segments() if (m := SEGMENT_NAME.match(s)) and int(m.group(2)) == pid}

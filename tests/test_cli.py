@@ -9,7 +9,7 @@ import sys
 import time
 
 import numpy as np
-from conftest import ringfeed_segments
+from conftest import segments_of
 
 from client import Feed
 from loader_server import shm
@@ -46,10 +46,10 @@ def test_start_status_stop(tmp_path, name):
     assert status["batches_served"] >= 5 and status["samples_per_s"] > 0
     human = ringfeed("status", "--name", name)
     assert "batches served" in human.stdout and human.returncode == 0
-    assert any(f"ringfeed-{pid}-" in s for s in ringfeed_segments())
+    assert segments_of(pid)
     stopped = ringfeed("stop", "--name", name)
     assert stopped.returncode == 0 and f"pid {pid}" in stopped.stdout
-    assert not any(f"ringfeed-{pid}-" in s for s in ringfeed_segments())
+    assert not segments_of(pid)
     assert "not running" in ringfeed("stop", "--name", name).stdout  # idempotent
     after = ringfeed("status", "--name", name, "--json")
     assert after.returncode == 1 and json.loads(after.stdout)["running"] is False
@@ -72,7 +72,7 @@ def test_foreground_serve_stops_cleanly_on_sigterm(tmp_path, name):
         assert proc.wait(timeout=20) == 0
     finally:
         proc.kill()
-    assert not any(f"ringfeed-{proc.pid}-" in s for s in ringfeed_segments())
+    assert not segments_of(proc.pid)
     assert "stopping" in proc.stderr.read()
 
 

@@ -12,7 +12,7 @@ from loader_server.config import Config, ConfigError, from_mapping, load_toml
     ({"endpoint": "http://x"}, "got 'http://x'"),
     ({"heartbeat_s": 0}, "heartbeat_s must be a number > 0.0, got 0"),
     ({"augment": [{"size": 3}]}, "augment[0] must be a table with a string 'op'"),
-    ({"name": "a b"}, "name must be letters"),
+    ({"name": "a b"}, "name must be 1 to 64 letters"),
     ({"worker_nice": 20}, "worker_nice must be at most 19 (the lowest priority), got 20"),
     ({"worker_nice": -1}, "worker_nice must be an integer >= 0, got -1"),
     ({"private_data": "yes"}, "private_data must be true or false, got 'yes'"),

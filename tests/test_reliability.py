@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import zmq
-from conftest import expected_batches, free_port, rgb_images, ringfeed_segments, take
+from conftest import expected_batches, free_port, rgb_images, segments_of, take
 
 from client import Feed, RemoteWorkerError, RingfeedError, ServerGoneError, protocol
 from client.status import query_status
@@ -184,13 +184,13 @@ def test_a_new_server_removes_the_segments_of_a_killed_one(name):
     deadline = time.monotonic() + 10
     while pid_alive(dead_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert any(s.startswith(f"ringfeed-{dead_pid}-") for s in ringfeed_segments())
+    assert segments_of(dead_pid)
     first._proc.join(10)
     first._proc = None  # keep stop() from cleaning up: the next server must do it
     try:
         with Service(config.with_overrides(name=name + "b"), features=rgb_images(80, 8),
                      labels=np.arange(80)):
-            assert not any(s.startswith(f"ringfeed-{dead_pid}-") for s in ringfeed_segments())
+            assert not segments_of(dead_pid)
     finally:
         first.stop()
 
