@@ -80,9 +80,13 @@ class Retask:
 
 class Broker:
     def __init__(self, config: Config, ring: Ring, pool: WorkerPool, frontend: zmq.Socket,
-                 welcome: dict, on_ready):
+                 welcome: dict, on_ready, housekeeping=(), watched=None):
+        """``housekeeping``: callables run every ``TICK_S``; ``watched``: {socket: handler} of
+        other sockets to poll, each handler called when its socket is readable."""
         self.config, self.ring, self.layout, self.pool = config, ring, ring.layout, pool
         self.frontend = frontend
+        self.housekeeping = tuple(housekeeping)
+        self.watched = dict(watched or {})
         self.welcome = welcome
         self.steps = welcome["steps_per_epoch"]
         self.on_ready = on_ready
@@ -122,6 +126,9 @@ class Broker:
                     poller.unregister(fd)  # at its end for good; the worker's sentinel reports its exit
                     del links[fd]
             self._deliver_pending()
+            for sock, handler in self.watched.items():
+                if sock in events:
+                    handler()
             if self.frontend in events:
                 self._drain(self.frontend, self._on_client_message)
             exited = [wid for fd, wid in sentinels.items() if fd in events]
@@ -138,6 +145,8 @@ class Broker:
                 self._expire_clients()
                 self._ping_clients()
                 self._warn_if_starved(now)
+                for task in self.housekeeping:
+                    task()
             self._schedule()
 
     def _poller(self) -> tuple[zmq.Poller, dict[int, int], dict[int, int]]:
@@ -145,6 +154,8 @@ class Broker:
         each fd is (rebuilt when workers change)."""
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
+        for sock in self.watched:
+            poller.register(sock, zmq.POLLIN)
         sentinels = self.pool.sentinels()
         links = {link.fileno(): wid for wid, link in self.pool.channels.items()}
         for fd in [*sentinels, *links]:
