@@ -489,10 +489,7 @@ class Broker:
             slot.state = SlotState.LEASED
             header = BatchMsg(slot_id, 0, slot.epoch, slot.index, seq)
             if client.frames:
-                tracker = self.frontend.send_multipart(
-                    [client.identity, *protocol.batch(header), self.ring.x[slot_id], self.ring.y[slot_id]],
-                    copy=False, track=True)
-                self.in_transit.append((tracker, slot_id))
+                self._send_slot(client.identity, header)
             else:
                 client.leased.add(slot_id)
                 self.leased += 1
@@ -503,6 +500,15 @@ class Broker:
             self.served += 1
             self.served_times.append(time.monotonic())
         self._send_headers(client, headers)
+
+    def _send_slot(self, identity: bytes, header: BatchMsg) -> None:
+        """Send a slot's arrays as frames that alias it. pyzmq's ``track=True`` watches only the
+        last frame, and frames under ``zmq.COPY_THRESHOLD`` are copied at once, so each frame is
+        tracked: the slot is free only once libzmq is done with all of them."""
+        arrays = [zmq.Frame(self.ring.x[header.slot], track=True),
+                  zmq.Frame(self.ring.y[header.slot], track=True)]
+        self.frontend.send_multipart([identity, *protocol.batch(header), *arrays], copy=False)
+        self.in_transit.append((zmq.MessageTracker(*arrays), header.slot))
 
     def _send_headers(self, client: ClientState, headers: list[BatchMsg]) -> None:
         if not headers:
