@@ -19,10 +19,11 @@ memory read, and the server sends a WAKE message only when the feed sleeps,
 once the batches of one ACK's worth of credit are there (or nothing more is
 being made). Otherwise they arrive in BATCHES messages.
 
-Liveness: a socket monitor reports when the connection drops. The feed then
-opens a fresh socket and says HELLO again from the batch it is at; a server
-that is back on the same endpoint within ``timeout_s`` continues the stream
-(batches are deterministic). Otherwise, or if a connected server stays silent
+Liveness: a socket monitor reports when the connection drops, and the server
+says when it dropped this feed (ERROR "Expired", after a pause longer than
+its client timeout). The feed then opens a fresh socket and says HELLO again
+from the batch it is at; a server that is back on the same endpoint within
+``timeout_s`` continues the stream (batches are deterministic). Otherwise, or if a connected server stays silent
 for ``timeout_s``, the feed raises ``ServerGoneError``.
 """
 
@@ -269,7 +270,8 @@ class Feed(BatchStream):
                 continue
             frames = self._sock.recv_multipart()
             if frames[0] == protocol.WELCOME:
-                self._sock.send_multipart(protocol.mode(self._welcome(protocol.decode_json(frames[1], "WELCOME"))))
+                mode = self._welcome(protocol.decode_json(frames[1], "WELCOME"))
+                self._sock.send_multipart(protocol.mode(mode, self._mapping and self._mapping.proof()))
                 self._last_heard = self._last_ping = time.monotonic()
                 self._disconnected_at = None
                 return
@@ -437,7 +439,9 @@ class Feed(BatchStream):
                 self._inbox.append((msg, (frames[2], frames[3])))
         elif command == protocol.ERROR:
             details = protocol.parse_error(frames)
-            if details["kind"] == "ProtocolError":
+            if details["kind"] == protocol.EXPIRED:
+                self._expired()
+            elif details["kind"] == "ProtocolError":
                 self._failure = RingfeedError(f"server refused a message: {details['message']}")
             elif "index" in details and self._mailbox is not None:  # its mailbox record says where
                 self._errors.append(RemoteWorkerError(details))
@@ -447,6 +451,13 @@ class Feed(BatchStream):
                 self._failure = RemoteWorkerError(details)
         elif command not in (protocol.PING, protocol.WAKE):
             self._failure = RingfeedError(f"unexpected message {command[:32]!r} from the server")
+
+    def _expired(self) -> None:
+        """The server dropped this feed (it was silent too long): the slots it was told of are
+        no longer its own, but batches received as frames are. Say HELLO again when they run out."""
+        self._inbox = deque(item for item in self._inbox if item[1] is not None)
+        self._mailbox = None
+        self._disconnected_at = self._disconnected_at or time.monotonic()
 
     def _flush(self, force: bool = True) -> None:
         """Return released slots and owed credit; unless ``force``, only once enough credit is owed."""

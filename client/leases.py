@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .paths import SHM_DIR
+from .protocol import PROOF_BYTES, PROOF_OFFSET
 
 
 class RingMapping:
@@ -44,6 +45,10 @@ class RingMapping:
         self.layout = layout
         self.x_dtype, self.y_dtype = np.dtype(layout["x_dtype"]), np.dtype(layout["y_dtype"])
         self.x_shape, self.y_shape = tuple(layout["x_shape"]), tuple(layout["y_shape"])
+
+    def proof(self) -> bytes:
+        """What MODE sends to show the server that this client maps its ring."""
+        return self.mmap[PROOF_OFFSET:PROOF_OFFSET + PROOF_BYTES]
 
     def view(self, offset: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
         nbytes = int(np.prod(shape)) * dtype.itemsize

@@ -11,7 +11,11 @@ Client <-> broker (the client's DEALER talks to the broker's ROUTER)::
     HELLO  {version, start: [epoch, index], credit, pid, pidns, job?, shard?: [i, n]}
                                                       -> WELCOME {layout, spec..., credit (granted),
                                                                   mailbox?: [k, token]}
-    MODE   b"shm" | b"frames" | b"mailbox"            (how batches travel; streaming starts)
+    MODE   b"frames" | b"shm" <proof> | b"mailbox" <proof>
+                                                      (how batches travel; streaming starts. A client
+                                                       that maps the ring proves it with the
+                                                       PROOF_BYTES at PROOF_OFFSET of the segment,
+                                                       which never travel over a socket)
     ACK    <credit:u32> <slot:u32>*                   (more credit, released slots)
     PING                                              (liveness, both directions)
     BYE                                               (client leaves; its slots are freed)
@@ -23,7 +27,9 @@ Client <-> broker (the client's DEALER talks to the broker's ROUTER)::
     WAKE                                              ("mailbox" mode: records are waiting in the
                                                        shared-memory mailbox named in WELCOME;
                                                        see client/mailbox.py)
-    ERROR  {kind, message, traceback?, epoch?, index?, sample?} (broker -> client)
+    ERROR  {kind, message, traceback?, epoch?, index?, sample?} (broker -> client; kind
+                                                       "Expired": the server dropped this client,
+                                                       which may say HELLO again from where it is)
 
 Worker <-> broker (each worker's own socketpair, see loader_server/channel.py)::
 
@@ -41,14 +47,18 @@ import json
 import struct
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 2  # 2: mailboxes, WAKE, errors use credit, several tasks per TASK or W_DONE
+PROTOCOL_VERSION = 3  # 3: MODE carries the ring proof; ERROR "Expired"
 MAX_JSON_BYTES = 64 * 1024
+MAX_POSITION = 2**31 - 1  # epochs and batch indices; epoch * batches per epoch stays in an i64
+MAX_PID = 2**31 - 1
 MAX_RELEASES_PER_ACK = 4096
 
 HELLO = b"HELLO"
 WELCOME = b"WELCOME"
 MODE = b"MODE"
 MODES = (b"shm", b"frames", b"mailbox")
+TOKEN_BYTES = 16  # the ring segment starts with its token, which WELCOME names
+PROOF_OFFSET, PROOF_BYTES = TOKEN_BYTES, 16  # then a secret that only a mapping can read
 MAX_JOB_CHARS = 64
 MAX_SHARDS = 1024
 ACK = b"ACK"
@@ -60,6 +70,7 @@ BATCHES = b"BATCHES"
 WAKE = b"WAKE"
 MAX_BATCHES_PER_MESSAGE = 4096
 ERROR = b"ERROR"
+EXPIRED = "Expired"  # the ERROR kind that tells a client it was dropped
 
 W_HELLO = b"W_HELLO"
 TASK = b"TASK"
@@ -125,6 +136,8 @@ def decode_json(frame, what: str) -> dict:
         obj = json.loads(bytes(buf).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"{what}: payload is not UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise ProtocolError(f"{what}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -174,15 +187,18 @@ def parse_hello(frames: list) -> HelloMsg:
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"HELLO: protocol version {version} is not supported (expected {PROTOCOL_VERSION})")
     start = json_field(obj, "start", list, "HELLO")
-    if len(start) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in start):
-        raise ProtocolError(f"HELLO: 'start' must be [epoch, index] of non-negative ints, got {start!r}")
+    if len(start) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_POSITION
+                                  for v in start):
+        raise ProtocolError(f"HELLO: 'start' must be [epoch, index] of ints in [0, {MAX_POSITION}], "
+                            f"got {start!r:.80}")
     credit = json_field(obj, "credit", int, "HELLO")
     if not 1 <= credit <= 1 << 16:
         raise ProtocolError(f"HELLO: credit must be in [1, 65536], got {credit}")
     pid = json_field(obj, "pid", int, "HELLO")
     pidns = json_field(obj, "pidns", str, "HELLO")
-    if pid < 0 or len(pidns) > 256:
-        raise ProtocolError(f"HELLO: pid must be >= 0 and pidns at most 256 characters, got {pid}, {pidns[:64]!r}")
+    if not 0 <= pid <= MAX_PID or len(pidns) > 256:
+        raise ProtocolError(f"HELLO: pid must be in [0, {MAX_PID}] and pidns at most 256 characters, "
+                            f"got {pid!r:.40}, {pidns[:64]!r}")
     job = obj.get("job")
     if job is not None and (not isinstance(job, str) or not 0 < len(job) <= MAX_JOB_CHARS):
         raise ProtocolError(f"HELLO: job must be a string of 1 to {MAX_JOB_CHARS} characters, got {job!r:.80}")
@@ -193,18 +209,24 @@ def parse_hello(frames: list) -> HelloMsg:
     return HelloMsg(start[0], start[1], credit, pid, pidns, job, (shard[0], shard[1]))
 
 
-def mode(name: str) -> list[bytes]:
-    return [MODE, name.encode()]
+def mode(name: str, proof: bytes | None = None) -> list[bytes]:
+    return [MODE, name.encode()] + ([] if name == "frames" else [proof])
 
 
-def parse_mode(frames: list) -> str:
-    """"frames" (batch bytes in the message), "shm" (descriptors in BATCHES messages) or
-    "mailbox" (descriptors in the shared-memory mailbox)."""
-    _expect_frames(frames, 2, "MODE")
-    value = bytes(memoryview(frames[1]))
+def parse_mode(frames: list) -> tuple[str, bytes | None]:
+    """("frames", None): batch bytes in the message; ("shm", proof): descriptors in BATCHES
+    messages; ("mailbox", proof): descriptors in the shared-memory mailbox."""
+    value = bytes(memoryview(frames[1])) if len(frames) > 1 else b""
     if value not in MODES:
         raise ProtocolError(f"MODE: expected one of {MODES}, got {value[:32]!r}")
-    return value.decode()
+    if value == b"frames":
+        _expect_frames(frames, 2, "MODE frames")
+        return "frames", None
+    _expect_frames(frames, 3, f"MODE {value.decode()}")
+    proof = bytes(memoryview(frames[2]))
+    if len(proof) != PROOF_BYTES:
+        raise ProtocolError(f"MODE {value.decode()}: proof of {len(proof)} bytes, expected {PROOF_BYTES}")
+    return value.decode(), proof
 
 
 def ack(credit: int, releases: list[int]) -> list[bytes]:

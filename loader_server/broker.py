@@ -16,13 +16,23 @@ slot is freed once ZeroMQ's tracker says the bytes are gone.
 A dead worker's slots are freed and its batches recomputed first. Each of
 them is then a suspect: it runs alone on a worker with nothing else in flight,
 so a batch that keeps killing workers is found exactly, and only after
-``MAX_DEATHS_PER_BATCH`` deaths is it reported as a ``WorkerCrash``. A client
-that is gone (its process, over ipc; ``1.5 * heartbeat_s`` of silence
-otherwise) loses its slots, and batches it never received return to its job.
+``MAX_DEATHS_PER_BATCH`` deaths is it reported as a ``WorkerCrash``. A worker
+that makes no progress past its deadline (``deadlines.py``) is killed and
+counts as dead. A replacement that cannot be started (out of file
+descriptors, say) is retried every ``RESTART_RETRY_S``. Once no worker is
+left, the service has failed: every client, new ones included, is told why,
+``status`` says so, and the loop ends after ``FAILED_LINGER_S``.
+
+A client that is gone (its process, over ipc; ``1.5 * heartbeat_s`` of
+silence otherwise) loses its slots, batches it never received return to its
+job, and it is told (ERROR "Expired"), so a live one says HELLO again. A
+message from a client that raises anything while it is handled costs that
+client its session, never the loop.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import secrets
 import time
@@ -37,8 +47,10 @@ from client.protocol import BatchMsg, ProtocolError, TaskMsg
 
 from .channel import ChannelError
 from .config import Config
+from .deadlines import ProgressClock
 from .pool import RestartLimitError, WorkerPool
 from .procs import pid_alive
+from .ratelimit import LogLimiter
 from .ring import Ring, SlotState
 from .streams import ClientState, Job
 
@@ -52,6 +64,10 @@ CLIENT_TIMEOUT_FACTOR = 1.5
 LOCAL_CLIENT_SILENCE_S = 60.0
 MAX_DEATHS_PER_BATCH = 3
 STARVED_WARNING_S = 10.0
+LOCAL_PID_CHECK_S = 1.0  # how often a local client's pid is looked up in /proc
+RESTART_RETRY_S = 1.0
+FAILED_LINGER_S = 30.0  # a failed service answers clients and status this long, then exits
+PEER_LOG_EVERY_S = 5.0  # log lines a peer can cause, at most one per this interval
 
 
 @dataclass
@@ -110,6 +126,13 @@ class Broker:
         self.last_ping = 0.0
         self.last_starved_warning = time.monotonic()
         self.max_credit = max(1, self.layout.slots // 2)
+        self.progress = ProgressClock(config.task_timeout_s)
+        self.unstarted: set[int] = set()  # workers whose replacement could not be started yet
+        self.next_restart_retry = 0.0
+        self.rebuild_poller = False
+        self.failure: str | None = None  # why the service cannot serve (no workers left)
+        self.failed_at = 0.0
+        self.peer_log = LogLimiter(log, PEER_LOG_EVERY_S)
         # Client pids are trusted for liveness only over ipc, where only our own user can connect.
         self.pidns = pid_namespace() if config.endpoint.startswith("ipc://") else None
 
@@ -118,7 +141,7 @@ class Broker:
     def run(self, should_stop) -> None:
         poller, sentinels, links = self._poller()
         next_housekeeping = 0.0
-        while not should_stop():
+        while not should_stop() and not self._failed_long_enough():
             # Trackers have no fd: while batches are on the wire, look at them often.
             events = dict(poller.poll(TRANSIT_POLL_S * 1000 if self.in_transit else TICK_S * 1000))
             for fd, wid in list(links.items()):
@@ -134,8 +157,9 @@ class Broker:
             exited = [wid for fd, wid in sentinels.items() if fd in events]
             for wid in exited:
                 self._on_worker_exit(wid)
-            if exited:
+            if exited or self.rebuild_poller:
                 poller, sentinels, links = self._poller()
+                self.rebuild_poller = False
                 self._deliver_pending()
             if self.in_transit:
                 self._reap_transit()
@@ -145,9 +169,18 @@ class Broker:
                 self._expire_clients()
                 self._ping_clients()
                 self._warn_if_starved(now)
+                self._kill_hung_workers(now)
+                self._retry_starts(now)
                 for task in self.housekeeping:
                     task()
             self._schedule()
+
+    def _failed_long_enough(self) -> bool:
+        if self.failure is None:
+            return False
+        if not self.is_ready:  # failed during start-up: nobody to tell
+            raise RuntimeError(self.failure)
+        return time.monotonic() - self.failed_at > FAILED_LINGER_S
 
     def _poller(self) -> tuple[zmq.Poller, dict[int, int], dict[int, int]]:
         """A poller over the frontend and every worker's link and sentinel, and which worker
@@ -211,15 +244,25 @@ class Broker:
             if command == protocol.W_HELLO:
                 self._on_worker_hello(worker_id, *protocol.parse_worker_hello(frames))
             elif command == protocol.W_DONE:
-                for slot_id, skipped in protocol.parse_worker_done(frames):
+                done = protocol.parse_worker_done(frames)
+                for slot_id, skipped in done:
                     self._on_worker_done(worker_id, slot_id, skipped)
+                self._progressed(worker_id, len(done))
             elif command == protocol.W_ERROR:
                 self._on_worker_error(worker_id, *protocol.parse_worker_error(frames))
+                self._progressed(worker_id, 1)
             else:
                 raise ProtocolError(f"unknown worker command {command[:32]!r}")
         except ProtocolError as exc:
             self.protocol_errors += 1
             log.warning("bad message from worker %d: %s", worker_id, exc)
+        except Exception:  # a bug met on this worker's message: lose the worker, not the service
+            self.protocol_errors += 1
+            log.exception("handling %r from worker %d failed", command[:32], worker_id)
+            self._kill_worker(worker_id, "its message could not be handled")
+
+    def _progressed(self, worker_id: int, batches: int) -> None:
+        self.progress.progressed(worker_id, batches, time.monotonic(), bool(self.workers[worker_id].inflight))
 
     def _on_worker_hello(self, worker_id: int, claimed_id: int, pid: int) -> None:
         if claimed_id != worker_id or self.pool.pid(worker_id) != pid:
@@ -270,16 +313,53 @@ class Broker:
                 self.retask.append(task)
             self._free(slot_id)
         self.workers[worker_id] = WorkerState()
+        self.progress.forget(worker_id)
         try:
             code = self.pool.replace_dead(worker_id)
         except RestartLimitError as exc:
             del self.workers[worker_id]
             log.error("not replacing worker %d: %s", worker_id, exc)
             if not self.workers:
-                for client in list(self.clients.values()):
-                    self._send_client(client.identity, protocol.error("WorkerError", f"no workers left: {exc}"))
+                self._fail(f"no workers left: {exc}")
+            return
+        except OSError as exc:  # EMFILE, ENOMEM: the restart is counted; its start is retried
+            self._cannot_start(worker_id, exc)
             return
         self._fail_poison_batches(code)
+
+    def _cannot_start(self, worker_id: int, exc: OSError) -> None:
+        self.unstarted.add(worker_id)
+        log.error("cannot start a replacement for worker %d (%s); retrying every %.0f s",
+                  worker_id, exc, RESTART_RETRY_S)
+
+    def _retry_starts(self, now: float) -> None:
+        if not self.unstarted or now < self.next_restart_retry:
+            return
+        self.next_restart_retry = now + RESTART_RETRY_S
+        for worker_id in sorted(self.unstarted):
+            try:
+                self.pool.start(worker_id)
+            except OSError as exc:
+                self.peer_log.log(logging.ERROR, "worker %d still cannot be started: %s", worker_id, exc)
+                continue
+            self.unstarted.discard(worker_id)
+            self.rebuild_poller = True
+            log.info("started the replacement for worker %d", worker_id)
+
+    def _kill_hung_workers(self, now: float) -> None:
+        for worker_id, stalled_s in self.progress.overdue(now):
+            self.progress.forget(worker_id)  # killed once; its sentinel reports the death
+            self._kill_worker(worker_id, f"no progress for {stalled_s:.1f} s on {len(self.workers[worker_id].inflight)} "
+                                         f"task(s), past its deadline of {self.progress.deadline_s:.1f} s "
+                                         "(task_timeout_s, or 10x the recent batch time)")
+
+    def _fail(self, reason: str) -> None:
+        """No workers are left: tell every client, and refuse new ones, with ``reason``."""
+        self.failure, self.failed_at = reason, time.monotonic()
+        log.error("the service has failed: %s; exiting in %.0f s", reason, FAILED_LINGER_S)
+        for client in list(self.clients.values()):
+            self._send_client(client.identity, protocol.error("WorkerError", reason))
+            self._drop_client(client)
 
     def _fail_poison_batches(self, exit_code) -> None:
         for task in [t for t in self.retask if self.deaths.get(t, 0) >= MAX_DEATHS_PER_BATCH]:
@@ -297,27 +377,40 @@ class Broker:
     def _on_client_message(self, frames: list[bytes]) -> None:
         identity, body = frames[0], frames[1:]
         command = body[0] if body else b""
-        client = self.clients.get(identity)
         try:
-            if command == protocol.HELLO:
-                self._on_hello(identity, protocol.parse_hello(body))
-            elif command == protocol.STATUS:
-                self._send_client(identity, [protocol.STATUS, protocol.encode_json(self.status())])
-            elif client is None:
-                raise ProtocolError(f"command {command[:32]!r} from a client that has not said HELLO")
-            elif command == protocol.ACK:
-                self._on_ack(client, *protocol.parse_ack(body))
-            elif command == protocol.MODE:
-                self._on_mode(client, protocol.parse_mode(body))
-            elif command == protocol.PING:
-                client.last_seen = time.monotonic()
-            elif command == protocol.BYE:
-                self._drop_client(client)
-            else:
-                raise ProtocolError(f"unknown command {command[:32]!r}")
+            self._handle_client(identity, command, body)
         except ProtocolError as exc:
             self.protocol_errors += 1
             self._send_client(identity, protocol.error("ProtocolError", str(exc)))
+        except Exception as exc:  # a bug met on this message: it costs this client its session only
+            self.protocol_errors += 1
+            log.exception("handling %r from client %r failed; dropping the client", command[:32], identity)
+            if identity in self.clients:
+                self._drop_client(self.clients[identity])
+            self._send_client(identity, protocol.error("ServerError", f"the server could not handle {command[:32]!r}: "
+                                                       f"{type(exc).__name__}: {exc}"))
+
+    def _handle_client(self, identity: bytes, command: bytes, body: list[bytes]) -> None:
+        client = self.clients.get(identity)
+        if command == protocol.HELLO:
+            self._on_hello(identity, protocol.parse_hello(body))
+        elif command == protocol.STATUS:
+            self._send_client(identity, [protocol.STATUS, protocol.encode_json(self.status())])
+        elif client is None:
+            self.protocol_errors += 1
+            self._send_client(identity, protocol.error(
+                protocol.EXPIRED, f"{command[:32]!r} from a client this server does not know (it was dropped, "
+                "or the server restarted); say HELLO again"))
+        elif command == protocol.ACK:
+            self._on_ack(client, *protocol.parse_ack(body))
+        elif command == protocol.MODE:
+            self._on_mode(client, *protocol.parse_mode(body))
+        elif command == protocol.PING:
+            client.last_seen = time.monotonic()
+        elif command == protocol.BYE:
+            self._drop_client(client)
+        else:
+            raise ProtocolError(f"unknown command {command[:32]!r}")
 
     def _on_hello(self, identity: bytes, hello: protocol.HelloMsg) -> None:
         i, n = hello.shard
@@ -326,8 +419,18 @@ class Broker:
                                 f"of {self.steps} batches")
         if n > self.steps:
             raise ProtocolError(f"HELLO: {n} shards of an epoch of only {self.steps} batches")
+        if self.failure is not None:
+            self._send_client(identity, protocol.error("WorkerError", self.failure))
+            return
         if identity in self.clients:
             self._drop_client(self.clients[identity])
+        if len(self.clients) >= self.config.max_clients:
+            self.peer_log.log(logging.WARNING, "refused a client: %d clients already (max_clients)",
+                              len(self.clients))
+            self._send_client(identity, protocol.error(
+                "TooManyClients", f"the server already has {len(self.clients)} clients "
+                f"(max_clients={self.config.max_clients}); try again later or raise max_clients"))
+            return
         job = self.jobs.get(hello.job) if hello.job is not None else None
         if job is None or job.shard != hello.shard:
             job = Job(hello.job, 0, hello.shard, self.steps)
@@ -345,7 +448,11 @@ class Broker:
             welcome["mailbox"] = [client.mailbox_id, token]
         self._send_client(identity, [protocol.WELCOME, protocol.encode_json(welcome)])
 
-    def _on_mode(self, client: ClientState, mode: str) -> None:
+    def _on_mode(self, client: ClientState, mode: str, proof: bytes | None) -> None:
+        # Descriptors are for clients that map the ring; only they can read its proof.
+        if proof is not None and not hmac.compare_digest(proof, self.ring.proof):
+            raise ProtocolError(f"MODE {mode}: the proof does not match this server's ring; a client "
+                                "that does not map the ring must ask for frames")
         if mode == "mailbox":
             if client.mailbox_id is None:
                 raise ProtocolError("MODE mailbox: WELCOME offered this client no mailbox")
@@ -377,7 +484,7 @@ class Broker:
         job.members -= 1
         if job.members:
             job.retask.extend(sorted(client.assigned))  # another member gets them
-        elif job.name is not None:
+        elif self.jobs.get(job.name) is job:  # a job by that name with other shards may have replaced it
             del self.jobs[job.name]
         self.leased -= len(client.leased)
         for slot_id in [*client.leased, *(v for v in client.ready.values() if isinstance(v, int))]:
@@ -389,16 +496,24 @@ class Broker:
         """A local client is gone when its process is; a remote one when it stops pinging.
         A live local process may be silent for long (an import holding the GIL, say)."""
         silent = now - client.last_seen
-        if client.local_pid is not None:
-            return not pid_alive(client.local_pid) or silent > LOCAL_CLIENT_SILENCE_S
-        return silent > CLIENT_TIMEOUT_FACTOR * self.config.heartbeat_s
+        if client.local_pid is None:
+            return silent > CLIENT_TIMEOUT_FACTOR * self.config.heartbeat_s
+        if silent > LOCAL_CLIENT_SILENCE_S:
+            return True
+        if now - client.pid_checked_at < LOCAL_PID_CHECK_S:
+            return False
+        client.pid_checked_at = now
+        return not pid_alive(client.local_pid)
 
     def _expire_clients(self) -> None:
         now = time.monotonic()
         for client in [c for c in self.clients.values() if self._client_gone(c, now)]:
-            log.warning("client %r (pid %s) gone, silent for %.1f s; reclaiming its %d slot(s)",
-                        client.identity, client.local_pid, now - client.last_seen,
-                        len(client.leased) + len(client.ready))
+            silent = now - client.last_seen
+            self.peer_log.log(logging.WARNING, "client %r (pid %s) gone, silent for %.1f s; reclaiming its "
+                              "%d slot(s)", client.identity, client.local_pid, silent,
+                              len(client.leased) + len(client.ready))
+            self._send_client(client.identity, protocol.error(
+                protocol.EXPIRED, f"this client was silent for {silent:.1f} s and was dropped; say HELLO again"))
             self._drop_client(client)
 
     def _ping_clients(self) -> None:
@@ -461,6 +576,7 @@ class Broker:
             self.slots[slot_id] = Slot(SlotState.FILLING, worker_id, task.client, client.job, task.seq,
                                        epoch, index)
             self.workers[worker_id].inflight.add(slot_id)
+            self.progress.assigned(worker_id, time.monotonic())
             batches.setdefault(worker_id, []).append(TaskMsg(slot_id, epoch, index))
         for worker_id, tasks in batches.items():
             self._send_worker(worker_id, protocol.tasks(tasks))
@@ -544,7 +660,8 @@ class Broker:
         return {
             "name": self.config.name,
             "endpoint": self.config.endpoint,
-            "ready": self.is_ready,
+            "ready": self.is_ready and self.failure is None,
+            "failure": self.failure,
             "workers": self.pool.alive(),
             "worker_pids": [proc.pid for proc in self.pool.procs.values()],
             "workers_ready": [self.pool.pid(wid) for wid, w in self.workers.items() if w.ready],

@@ -52,6 +52,8 @@ class Config:
     threads_per_worker: int = 1
     worker_nice: int = 10
     heartbeat_s: float = 1.0
+    task_timeout_s: float = 5.0
+    max_clients: int = 64
     start_timeout_s: float = 300.0
     max_worker_restarts: int = 10
     curve_secret_key: str | None = None
@@ -67,6 +69,8 @@ class Config:
         if self.worker_nice > 19:
             raise ConfigError(f"worker_nice must be at most 19 (the lowest priority), got {self.worker_nice!r}")
         _check_number("heartbeat_s", self.heartbeat_s, 0.0)
+        _check_number("task_timeout_s", self.task_timeout_s, 0.0)
+        _check_int("max_clients", self.max_clients, 1)
         _check_number("start_timeout_s", self.start_timeout_s, 0.0)
         if self.slots is None:
             # A client's credit (tasks in flight included) is at most half the ring, and a feed's

@@ -37,9 +37,10 @@ class WorkerPool:
         self.procs: dict[int, mp.Process] = {}
         self.channels: dict[int, channel.Channel] = {}  # the broker's end of each worker's link
         for worker_id in range(count):
-            self._start(worker_id)
+            self.start(worker_id)
 
-    def _start(self, worker_id: int) -> None:
+    def start(self, worker_id: int) -> None:
+        """Start worker ``worker_id``; an ``OSError`` (EMFILE, say) leaves it unregistered."""
         broker_end, worker_end = channel.pair()
         proc = self._ctx.Process(target=worker_main, args=(replace(self._spec, worker_id=worker_id), worker_end),
                                  name=f"ringfeed-worker-{worker_id}", daemon=True)
@@ -58,8 +59,10 @@ class WorkerPool:
         return {proc.sentinel: wid for wid, proc in self.procs.items()}
 
     def replace_dead(self, worker_id: int) -> int | None:
-        """Reap worker ``worker_id`` and start a new one; return its exit code."""
-        proc = self.procs[worker_id]
+        """Reap worker ``worker_id`` and start a new one; return the dead one's exit code.
+        ``RestartLimitError`` past the limit; an ``OSError`` from the start (the restart is
+        counted, and the caller retries ``start``)."""
+        proc = self.procs.pop(worker_id)
         proc.join(JOIN_TIMEOUT_S)
         code = proc.exitcode
         proc.close()
@@ -68,13 +71,12 @@ class WorkerPool:
         while self._restarts and now - self._restarts[0] > RESTART_WINDOW_S:
             self._restarts.popleft()
         if len(self._restarts) >= self._max_restarts:
-            del self.procs[worker_id]
             raise RestartLimitError(f"{len(self._restarts)} worker restarts in the last "
                                     f"{RESTART_WINDOW_S:.0f} s (max_worker_restarts={self._max_restarts})")
         self._restarts.append(now)
         self.restarts_total += 1
         log.warning("worker %d exited with code %s; starting a replacement", worker_id, code)
-        self._start(worker_id)
+        self.start(worker_id)
         return code
 
     def kill(self, worker_id: int) -> None:

@@ -2,7 +2,9 @@
 
 The first page holds ``token`` (16 random bytes), which a client compares with
 the token in WELCOME to be sure it mapped this server's ring and not a namesake
-on another host. ``MAILBOXES`` client mailboxes follow (``client/mailbox.py``);
+on another host, and then ``proof`` (16 random bytes that never travel over a
+socket), which a client sends back in MODE to show that it maps the ring: only
+such a client may hold slots as descriptors. ``MAILBOXES`` client mailboxes follow (``client/mailbox.py``);
 the header ends on a page boundary. Slot ``k`` starts at
 ``header + k * slot_bytes``; inside
 it the features array ``x`` and the labels array ``y`` each start on a
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from client.mailbox import mailbox_bytes, open_mailbox
+from client.protocol import PROOF_BYTES, PROOF_OFFSET, TOKEN_BYTES
 
 from . import shm
 
@@ -78,7 +81,7 @@ class Layout:
         y_bytes = int(np.prod(y_shape)) * y_dtype.itemsize
         slot_bytes = _round_up(y_offset + y_bytes, PAGE)
         header = _round_up(PAGE + MAILBOXES * mailbox_bytes(slots), PAGE)
-        return cls(segment, secrets.token_hex(16), header, slots, slot_bytes, 0, tuple(x_shape), x_dtype.str,
+        return cls(segment, secrets.token_hex(TOKEN_BYTES), header, slots, slot_bytes, 0, tuple(x_shape), x_dtype.str,
                    y_offset, tuple(y_shape), y_dtype.str, MAILBOXES, PAGE, slots)
 
     @property
@@ -97,8 +100,9 @@ class Ring:
         if create:
             shm.check_space(layout.nbytes, f"a ring of {layout.slots} slots x {layout.slot_bytes} bytes")
             self._mm = shm.create(layout.segment, layout.nbytes)
-            token = bytes.fromhex(layout.token)
-            self._mm[:len(token)] = token
+            self._mm[:TOKEN_BYTES] = bytes.fromhex(layout.token)
+            self.proof = secrets.token_bytes(PROOF_BYTES)
+            self._mm[PROOF_OFFSET:PROOF_OFFSET + PROOF_BYTES] = self.proof
         else:
             self._mm = shm.attach(layout.segment)
         self.x = [self._view(k, layout.x_offset, layout.x_shape, layout.x_dtype) for k in range(layout.slots)]

@@ -53,6 +53,7 @@ class ClientState:
     credit: int
     last_seen: float
     local_pid: int | None  # set when the client shares our pid namespace over ipc
+    pid_checked_at: float = 0.0
     frames: bool = False  # batch bytes travel in the message (no shared memory)
     mailbox_id: int | None = None  # offered in WELCOME
     mailbox: object = None  # client.mailbox.Mailbox, once MODE chose it

@@ -16,7 +16,8 @@ def test_round_trips():
     hello = protocol.parse_hello(protocol.hello(1, 2, 4, 99, "pid:[1]"))
     assert (hello.epoch, hello.index, hello.credit, hello.pid, hello.pidns) == (1, 2, 4, 99, "pid:[1]")
     assert protocol.parse_worker_done(protocol.worker_done([(6, 1), (7, 0)])) == [(6, 1), (7, 0)]
-    assert protocol.parse_mode(protocol.mode("mailbox")) == "mailbox"
+    assert protocol.parse_mode(protocol.mode("mailbox", b"p" * 16)) == ("mailbox", b"p" * 16)
+    assert protocol.parse_mode(protocol.mode("frames")) == ("frames", None)
     slot, details = protocol.parse_worker_error(protocol.worker_error(2, {"kind": "ValueError", "message": "x"}))
     assert slot == 2 and details["kind"] == "ValueError"
 
@@ -34,11 +35,19 @@ def test_round_trips():
     ([protocol.ACK, b"\x00" * 4 * 5000], "n <= 4096"),
     ([protocol.HELLO, b"\xff\xfe"], "not UTF-8 JSON"),
     ([protocol.HELLO, b"[1, 2]"], "expected a JSON object, got list"),
-    ([protocol.HELLO, b'{"version": 2, "start": [0, -1], "credit": 1, "pid": 1, "pidns": ""}'], "'start'"),
+    ([protocol.HELLO, b'{"version": 3, "start": [0, -1], "credit": 1, "pid": 1, "pidns": ""}'], "'start'"),
     ([protocol.HELLO, b'{"version": 9, "start": [0, 0], "credit": 1, "pid": 1, "pidns": ""}'], "version 9"),
-    ([protocol.HELLO, b'{"version": 2, "start": [0, 0], "credit": true, "pid": 1, "pidns": ""}'], "got bool"),
-    ([protocol.HELLO, b'{"version": 2, "start": [0, 0], "credit": 0, "pid": 1, "pidns": ""}'], "credit"),
+    ([protocol.HELLO, b'{"version": 3, "start": [0, 0], "credit": true, "pid": 1, "pidns": ""}'], "got bool"),
+    ([protocol.HELLO, b'{"version": 3, "start": [0, 0], "credit": 0, "pid": 1, "pidns": ""}'], "credit"),
     ([protocol.HELLO, b"{" + b" " * (protocol.MAX_JSON_BYTES + 1) + b"}"], "exceeds"),
+    ([protocol.HELLO, b'{"version": 3, "start": [9223372036854775808, 0], "credit": 1, "pid": 1, "pidns": ""}'],
+     "'start' must be [epoch, index] of ints in [0, 2147483647]"),
+    ([protocol.HELLO, b'{"a":' * 5000 + b"1" + b"}" * 5000], "nested too deeply"),
+    ([protocol.HELLO, b'{"version": 3, "start": [0, 0], "credit": 1, "pid": 4294967296, "pidns": ""}'],
+     "pid must be in"),
+    ([protocol.MODE, b"shm"], "MODE shm: expected 3 frame(s), got 2"),
+    ([protocol.MODE, b"mailbox", b"short"], "proof of 5 bytes, expected 16"),
+    ([protocol.MODE, b"frames", b"x" * 16], "MODE frames: expected 2 frame(s), got 3"),
 ])
 def test_malformed_frames_are_refused_with_a_reason(frames, fragment):
     parser = {protocol.BATCH: protocol.parse_batch, protocol.BATCHES: protocol.parse_batches,
