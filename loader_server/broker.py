@@ -66,7 +66,7 @@ MAX_DEATHS_PER_BATCH = 3
 STARVED_WARNING_S = 10.0
 LOCAL_PID_CHECK_S = 1.0  # how often a local client's pid is looked up in /proc
 RESTART_RETRY_S = 1.0
-FAILED_LINGER_S = 30.0  # a failed service answers clients and status this long, then exits
+FAILED_LINGER_S = 10.0  # a failed service answers clients and status this long, then exits
 PEER_LOG_EVERY_S = 5.0  # log lines a peer can cause, at most one per this interval
 
 

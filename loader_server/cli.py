@@ -53,10 +53,14 @@ def _serve_argv(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_serve(args) -> int:
-    from .service import run_server
+    from .service import ServiceFailed, run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run_server(_config_from(args))
+    try:
+        run_server(_config_from(args))
+    except ServiceFailed as exc:
+        print(f"ringfeed: the service failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -86,6 +90,9 @@ def cmd_status(args) -> int:
         print(json.dumps({"running": status is not None, "endpoint": endpoint, **(status or {})}))
     elif status is None:
         print(f"ringfeed {name!r}: not running (nothing answered at {endpoint})")
+    elif not status["ready"]:
+        print(f"ringfeed {status['name']!r} at {status['endpoint']}: not ready: "
+              f"{status.get('failure') or 'workers are starting'}")
     else:
         slots = status["slots"]
         print(f"ringfeed {status['name']!r} at {status['endpoint']}\n"
@@ -96,7 +103,9 @@ def cmd_status(args) -> int:
               f"  clients        {status['clients']}\n"
               f"  batches served {status['batches_served']}\n"
               f"  samples/s      {status['samples_per_s']:.0f}")
-    return 0 if status is not None else 1
+    if status is None:
+        return 1
+    return 0 if status["ready"] else 3
 
 
 def cmd_cleanup(args) -> int:

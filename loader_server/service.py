@@ -53,6 +53,10 @@ log = logging.getLogger("ringfeed.service")
 STOP_TIMEOUT_S = 15.0
 
 
+class ServiceFailed(RuntimeError):
+    """The service ran, then could not go on (no workers left); ``serve`` exits non-zero."""
+
+
 def _ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
@@ -158,6 +162,8 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
 
         broker.run(should_stop)
         log.info("stopping")
+        if broker.failure is not None:
+            raise ServiceFailed(broker.failure)
     finally:
         if broker is not None:
             broker.stop_workers()
