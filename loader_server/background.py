@@ -1,11 +1,14 @@
 """``ringfeed start/stop``: the server as a detached background process.
 
 ``start`` launches ``ringfeed serve`` in a new session with its output in a
-log file, and returns once the server has written its state file (which it
-does when the workers are warm and the endpoint is bound) or fails with the
-log's tail. ``stop`` sends SIGTERM (the server's shutdown protocol
-does the rest), escalates to SIGKILL after ``STOP_TIMEOUT_S`` and then removes
-whatever the dead server left behind. Both are bounded and idempotent.
+log file, under ``python -P``: neither the server nor its workers
+(multiprocessing passes ``-P`` on) import modules from the caller's current
+folder, where a ``secrets.py`` would otherwise shadow the standard library.
+It returns once the server has written its state file (which it does when
+the workers are warm and the endpoint is bound) or fails with the log's tail.
+``stop`` sends SIGTERM (the server's shutdown protocol does the rest),
+escalates to SIGKILL after ``STOP_TIMEOUT_S`` and then removes whatever the
+dead server left behind. Both are bounded and idempotent.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def start(serve_args: list[str], name: str, timeout_s: float) -> dict:
     ensure_runtime_dir()
     log_path = log_file(name)
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "loader_server.cli", "serve", *serve_args],
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "loader_server.cli", "serve", *serve_args],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.monotonic() + timeout_s

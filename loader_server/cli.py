@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
-from client.paths import default_endpoint
+from client.paths import check_name, default_endpoint
 from client.status import query_status
 
 from . import background, shm
@@ -27,6 +28,8 @@ SERVE_FLAGS = {
     "--curve-secret-key": ("curve_secret_key", str),
     "--curve-authorized-keys": ("curve_authorized_keys", str),
 }
+# flags naming files: made absolute before they reach a server, which resolves nothing against its cwd
+PATH_FLAGS = ("--config", "--data", "--curve-secret-key", "--curve-authorized-keys")
 
 
 def _add_serve_options(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +48,21 @@ def _config_from(args: argparse.Namespace) -> Config:
 
 
 def _serve_argv(args: argparse.Namespace) -> list[str]:
-    argv = ["--config", args.config] if args.config else []
-    for flag, (field, _) in SERVE_FLAGS.items():
-        if getattr(args, field) is not None:
-            argv += [flag, str(getattr(args, field))]
+    flags = {"--config": args.config}
+    flags.update((flag, getattr(args, field)) for flag, (field, _) in SERVE_FLAGS.items())
+    argv = []
+    for flag, value in flags.items():
+        if value is not None:
+            argv += [flag, os.path.abspath(value) if flag in PATH_FLAGS else str(value)]
     return argv + (["--name", args.name] if args.name else [])
+
+
+def _checked_name(args: argparse.Namespace) -> str:
+    """``--name`` (default ``default``), refused before any file is read or process signalled."""
+    try:
+        return check_name(args.name or "default")
+    except ValueError as exc:
+        raise ConfigError(f"--name: {exc}") from None
 
 
 def cmd_serve(args) -> int:
@@ -73,14 +86,14 @@ def cmd_start(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    name = args.name or "default"
+    name = _checked_name(args)
     pid = background.stop(name)
     print(f"ringfeed {name!r} stopped (pid {pid})" if pid else f"ringfeed {name!r} is not running")
     return 0
 
 
 def cmd_status(args) -> int:
-    name = args.name or "default"
+    name = _checked_name(args)
     endpoint = args.endpoint
     if endpoint is None:
         state = background.read_state(name)

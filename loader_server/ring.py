@@ -95,16 +95,18 @@ class Layout:
 class Ring:
     """The server's mapping of the ring segment and per-slot array views."""
 
-    def __init__(self, layout: Layout, create: bool):
+    def __init__(self, layout: Layout, create: bool, file_id: shm.FileId | None = None):
+        """``create``: the server makes the segment and records ``self.file_id``; otherwise (a
+        worker) it maps the segment only if it is still the file ``file_id`` names."""
         self.layout = layout
         if create:
             shm.check_space(layout.nbytes, f"a ring of {layout.slots} slots x {layout.slot_bytes} bytes")
-            self._mm = shm.create(layout.segment, layout.nbytes)
+            self._mm, self.file_id = shm.create(layout.segment, layout.nbytes)
             self._mm[:TOKEN_BYTES] = bytes.fromhex(layout.token)
             self.proof = secrets.token_bytes(PROOF_BYTES)
             self._mm[PROOF_OFFSET:PROOF_OFFSET + PROOF_BYTES] = self.proof
         else:
-            self._mm = shm.attach(layout.segment)
+            self._mm, self.file_id = shm.attach(layout.segment, file_id), file_id
         self.x = [self._view(k, layout.x_offset, layout.x_shape, layout.x_dtype) for k in range(layout.slots)]
         self.y = [self._view(k, layout.y_offset, layout.y_shape, layout.y_dtype) for k in range(layout.slots)]
         base = np.frombuffer(self._mm, np.uint8)

@@ -7,13 +7,20 @@ cache is warm for the workers), create the ring, start the workers, and bind
 the client endpoint only once every worker has said hello. Then write the
 state file (pid, endpoint) that ``ringfeed status/stop`` read.
 
+One server per name: start-up, and again the moment before binding, refuse
+when a live server of the same name has a state file. A server records the
+identity (device, inode) of the ipc socket file and the state file it made,
+and at exit unlinks each only if the path still names that file (and the
+state file still names this pid), so it never removes another server's.
+
 Shutdown protocol, the one place it is written down:
 
 1. SIGTERM or SIGINT sets the stop flag; the broker loop ends within ``TICK_S``.
 2. Every worker is sent STOP (a sentinel task).
 3. ``join(JOIN_TIMEOUT_S)``, then terminate, then kill what is left.
 4. Sockets close with zero linger; the ring and data segments are unlinked;
-   the client endpoint's ipc socket file and the state file are removed.
+   the client endpoint's ipc socket file and the state file are removed if
+   they are still the ones this server made.
 
 Steps 2-4 also run when start-up fails part way. ``Service.stop`` is
 idempotent, and a server killed outright is cleaned up by the next start
@@ -22,6 +29,7 @@ idempotent, and a server killed outright is cleaned up by the next start
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import multiprocessing as mp
@@ -38,7 +46,7 @@ import zmq
 
 from client.paths import ensure_runtime_dir, state_file
 
-from . import shm, sources
+from . import background, shm, sources
 from .broker import Broker
 from .config import Config, ConfigError
 from .pool import WorkerPool
@@ -61,10 +69,60 @@ def _ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
 
-def _exposed(endpoint: str) -> bool:
-    """A TCP endpoint reachable from other hosts (anything but loopback)."""
-    host = endpoint[len("tcp://"):].rpartition(":")[0] if endpoint.startswith("tcp://") else "127.0.0.1"
-    return host not in ("127.0.0.1", "localhost", "[::1]")
+def _loopback(endpoint: str) -> bool:
+    """A TCP endpoint that only this host can reach."""
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # an interface name or a wildcard
+        return False
+
+
+def _cleartext_readers(endpoint: str) -> str:
+    """Who can read the batches a TCP endpoint without CURVE sends."""
+    return "any user or process on this host" if _loopback(endpoint) else "anyone who can reach this port"
+
+
+def _refuse_if_running(name: str) -> None:
+    running = background.read_state(name)
+    if running is not None:
+        raise background.BackgroundError(
+            f"a ringfeed server named {name!r} is already running (pid {running['pid']}, endpoint "
+            f"{running['endpoint']}); stop it first (ringfeed stop --name {name}) or choose another --name")
+
+
+def _file_id(path: Path) -> shm.FileId:
+    st = os.lstat(path)
+    return shm.FileId(st.st_dev, st.st_ino)
+
+
+def _write_state(path: Path, state: dict) -> shm.FileId:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(state))
+        st = os.fstat(out.fileno())
+    return shm.FileId(st.st_dev, st.st_ino)
+
+
+def _names_us(state_path: Path) -> bool:
+    try:
+        return json.loads(state_path.read_text()).get("pid") == os.getpid()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _unlink_if_ours(path: Path, file_id: shm.FileId) -> None:
+    """Unlink ``path`` only if it is still the file this server made (``file_id``)."""
+    try:
+        ours = _file_id(path) == file_id
+    except FileNotFoundError:
+        return
+    if ours:
+        path.unlink(missing_ok=True)
+    else:
+        log.info("left %s alone: it is no longer the file this server made", path)
 
 
 def prepare_source(config: Config, token: str) -> tuple[sources.SourceRef, list[str]]:
@@ -91,12 +149,13 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     ensure_runtime_dir()
+    _refuse_if_running(config.name)
     removed = shm.remove_stale()
     if removed:
         log.info("removed stale segments of dead servers: %s", removed)
     token = secrets.token_hex(4)
     owned: list[str] = []
-    cleanup_paths = [state_file(config.name)]
+    made_files: dict[Path, shm.FileId] = {}  # the ipc socket and the state file, to unlink if still ours
     ctx = zmq.Context.instance()
     frontend = pool = ring = broker = authenticator = None
     try:
@@ -128,32 +187,37 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
         frontend.setsockopt(zmq.LINGER, 0)
         frontend.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
         frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        housekeeping = []
         if config.curve_secret_key:
-            authenticator = secure_frontend(ctx, frontend, config.curve_secret_key, config.curve_authorized_keys)
-        spec = WorkerSpec(0, config, source, layout, os.getpid())
+            authenticator, keys = secure_frontend(ctx, frontend, config.curve_secret_key,
+                                                  config.curve_authorized_keys)
+            housekeeping.append(keys.refresh)
+        spec = WorkerSpec(0, config, source, layout, os.getpid(), ring.file_id)
         pool = WorkerPool(spec, config.workers, config.max_worker_restarts)
         started = time.monotonic()
 
         def ready():
+            _refuse_if_running(config.name)  # binding an ipc path takes it over from whoever has it
             umask = os.umask(0o177)  # an ipc socket is born owner-only (0600), never briefly wider
             try:
                 frontend.bind(config.endpoint)
             finally:
                 os.umask(umask)
-            if _exposed(config.endpoint) and not config.curve_secret_key:
-                log.warning("listening on %s without CURVE: anyone who reaches this port can read the "
-                            "batches (see ringfeed keys)", config.endpoint)
             ipc = _ipc_path(config.endpoint)
             if ipc is not None:
-                cleanup_paths.append(ipc)
-            state_file(config.name).write_text(json.dumps(
-                {"pid": os.getpid(), "endpoint": config.endpoint, "name": config.name}))
+                made_files[ipc] = _file_id(ipc)
+            if config.endpoint.startswith("tcp://") and not config.curve_secret_key:
+                log.warning("listening on %s without CURVE: %s can read the batches (see ringfeed keys)",
+                            config.endpoint, _cleartext_readers(config.endpoint))
+            path = state_file(config.name)
+            made_files[path] = _write_state(path, {"pid": os.getpid(), "endpoint": config.endpoint,
+                                                   "name": config.name})
             log.info("ready: %d workers, %d slots of %.1f MiB, endpoint %s (%.1f s)", config.workers,
                      layout.slots, layout.slot_bytes / 2**20, config.endpoint, time.monotonic() - started)
             if on_ready is not None:
                 on_ready(config.endpoint)
 
-        broker = Broker(config, ring, pool, frontend, welcome, ready)
+        broker = Broker(config, ring, pool, frontend, welcome, ready, housekeeping=housekeeping)
 
         def should_stop():
             if not broker.is_ready and time.monotonic() - started > config.start_timeout_s:
@@ -177,9 +241,9 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
             shm.unlink(segment)
         if ring is not None:
             ring.close()
-        for path in cleanup_paths:
-            if path is not None:
-                path.unlink(missing_ok=True)
+        for path, file_id in made_files.items():
+            if path != state_file(config.name) or _names_us(path):  # rewritten in place, it keeps its inode
+                _unlink_if_ours(path, file_id)
 
 
 def _child_main(config: Config, source, conn, parent_pid: int) -> None:

@@ -2,12 +2,15 @@
 
 A folder with ``features.npy`` and ``labels.npy`` is memory-mapped by each
 worker. An ``.npz`` file or in-memory arrays are copied once into a shared
-data segment, which every worker maps. Workers receive a small ``SourceRef``,
-never the arrays themselves.
+data segment, which every worker maps; an ``.npz`` file's member headers are
+read first, so members too large to copy are refused before they are loaded.
+Workers receive a small ``SourceRef``, never the arrays themselves.
 """
 
 from __future__ import annotations
 
+import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,9 @@ from . import shm
 from .config import Config, ConfigError
 
 FEATURE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
+NPZ_MEMBERS = ("features", "labels")
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}
 _ALIGN = 64
 
 
@@ -34,6 +40,7 @@ class SourceRef:
     features_path: str | None = None
     labels_path: str | None = None
     segment: str | None = None
+    segment_id: shm.FileId | None = None  # the data segment's file, which workers check on attach
     features: ArrayRef | None = None
     labels: ArrayRef | None = None
 
@@ -55,16 +62,64 @@ def load_path(data: str) -> tuple[np.ndarray, np.ndarray]:
                                   "(save it with np.save(path, np.ascontiguousarray(array)))")
         return arrays[0], arrays[1]
     if path.suffix == ".npz" and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                missing = {"features", "labels"} - set(npz.files)
-                if missing:
-                    raise ConfigError(f"{data!r} lacks array(s) {sorted(missing)}; it has {npz.files}")
-                return npz["features"], npz["labels"]
-        except (ValueError, OSError) as exc:
-            raise ConfigError(f"{data!r} is not a readable .npz file: {exc}") from None
+        return _load_npz(path, data)
     raise ConfigError(f"data {data!r} does not exist or is neither a folder with features.npy "
                       "and labels.npy nor an .npz file")
+
+
+def _load_npz(path: Path, data: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read the members' .npy headers first: a header can claim any shape, and loading it
+    would allocate that much before anything else is checked."""
+    _check_fits(data, _npz_headers(path, data))
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return npz["features"], npz["labels"]
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"{data!r} is not a readable .npz file: {exc}") from None
+
+
+def _npz_headers(path: Path, data: str) -> dict[str, tuple[tuple, np.dtype]]:
+    """member -> (shape, dtype) of the members ``load_path`` uses, from their headers alone."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            files = [n[:-len(".npy")] if n.endswith(".npy") else n for n in archive.namelist()]
+            missing = set(NPZ_MEMBERS) - set(files)
+            if missing:
+                raise ConfigError(f"{data!r} lacks array(s) {sorted(missing)}; it has {files}")
+            return {member: _npy_header(archive, data, member) for member in NPZ_MEMBERS}
+    except ConfigError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"{data!r} is not a readable .npz file: {exc}") from None
+
+
+def _npy_header(archive: zipfile.ZipFile, data: str, member: str) -> tuple[tuple, np.dtype]:
+    with archive.open(member + ".npy") as fp:
+        version = np.lib.format.read_magic(fp)
+        read_header = _NPY_HEADER_READERS.get(version)
+        if read_header is None:
+            raise ConfigError(f"{data!r}: member {member!r} is .npy format version {version}; "
+                              f"expected one of {sorted(_NPY_HEADER_READERS)}")
+        shape, _, dtype = read_header(fp)
+    if dtype.hasobject:
+        raise ConfigError(f"{data!r}: member {member!r} has dtype {dtype}, which holds Python objects; "
+                          "expected plain numbers (object arrays need pickle, which is never loaded)")
+    return shape, dtype
+
+
+def _check_fits(data: str, members: dict[str, tuple[tuple, np.dtype]]) -> None:
+    """The members are loaded, then copied into a shared segment: refuse them when they exceed
+    the free shared memory or half the available memory."""
+    sizes = {member: math.prod(shape) * dtype.itemsize for member, (shape, dtype) in members.items()}
+    total = sum(sizes.values())
+    free, available = shm.free_bytes(), _mem_available(f"loading {data!r}")
+    limit = min(free, available // 2)
+    if total > limit:
+        described = ", ".join(f"{member!r} of shape {shape} and dtype {dtype} ({sizes[member]} bytes)"
+                              for member, (shape, dtype) in members.items())
+        raise ConfigError(f"{data!r} is too large to load: {described} make {total} bytes, over the limit "
+                          f"of {limit} bytes (the smaller of {free} bytes free in {shm.SHM_DIR} and half "
+                          f"the {available} bytes of MemAvailable)")
 
 
 def validate(features: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
@@ -93,7 +148,7 @@ def validate_for(config: Config, features: np.ndarray, labels: np.ndarray) -> No
 def check_private_copies(nbytes: int, workers: int, available: int | None = None) -> None:
     """Refuse ``private_data`` when the workers' copies and the shared one would take over half
     the available memory (the shared one is not made yet when this runs)."""
-    available = _mem_available() if available is None else available
+    available = _mem_available("private_data") if available is None else available
     copies = workers + 1
     if copies * nbytes > available // 2:
         raise ConfigError(f"private_data: {workers} workers' copies and the shared one of "
@@ -102,12 +157,12 @@ def check_private_copies(nbytes: int, workers: int, available: int | None = None
                           "turn private_data off")
 
 
-def _mem_available() -> int:
+def _mem_available(purpose: str) -> int:
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
-    raise ConfigError("private_data needs /proc/meminfo (Linux) to check that the copies fit")
+    raise ConfigError(f"{purpose} needs MemAvailable in /proc/meminfo (Linux) to check that the data fits")
 
 
 def _aligned(n: int) -> int:
@@ -119,8 +174,8 @@ def publish(features: np.ndarray, labels: np.ndarray, segment: str) -> SourceRef
     feats_bytes = _aligned(features.nbytes)
     total = feats_bytes + _aligned(labels.nbytes)
     shm.check_space(total, "the data segment")
-    mm = shm.create(segment, max(total, 1))
-    ref = SourceRef(segment=segment,
+    mm, segment_id = shm.create(segment, max(total, 1))
+    ref = SourceRef(segment=segment, segment_id=segment_id,
                     features=ArrayRef(0, tuple(features.shape), features.dtype.str),
                     labels=ArrayRef(feats_bytes, tuple(labels.shape), labels.dtype.str))
     for arr, aref in ((features, ref.features), (labels, ref.labels)):
@@ -136,6 +191,6 @@ def open_ref(ref: SourceRef) -> tuple[np.ndarray, np.ndarray]:
     if ref.segment is None:
         return (np.load(ref.features_path, mmap_mode="r", allow_pickle=False),
                 np.load(ref.labels_path, mmap_mode="r", allow_pickle=False))
-    mm = shm.attach(ref.segment, writable=False)
+    mm = shm.attach(ref.segment, ref.segment_id, writable=False)
     return tuple(np.ndarray(a.shape, np.dtype(a.dtype), buffer=mm, offset=a.offset)
                  for a in (ref.features, ref.labels))

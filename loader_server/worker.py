@@ -44,6 +44,7 @@ from .channel import Channel, ChannelError
 from .config import Config
 from .procs import die_with_parent
 from .ring import Layout, Ring, aligned_empty
+from .shm import FileId
 from .sources import SourceRef
 
 POLL_MS = 500
@@ -57,6 +58,7 @@ class WorkerSpec:
     source: SourceRef
     layout: Layout
     parent_pid: int
+    ring_id: FileId  # the ring file the server created; kept out of Layout, which clients receive
 
 
 def worker_main(spec: WorkerSpec, link: socket.socket) -> None:
@@ -67,7 +69,7 @@ def worker_main(spec: WorkerSpec, link: socket.socket) -> None:
 
     numba.set_num_threads(min(spec.config.threads_per_worker, numba.config.NUMBA_NUM_THREADS))
     maker = BatchMaker(spec.config, spec.source)
-    ring = Ring(spec.layout, create=False)
+    ring = Ring(spec.layout, create=False, file_id=spec.ring_id)
     # Compile before W_HELLO, into a buffer aligned as the slots are, so the same kernels compile.
     maker.make(0, 0, aligned_empty(ring.x[0].shape, ring.x[0].dtype), np.empty_like(ring.y[0]),
                spec.config.streaming_stores)

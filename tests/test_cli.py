@@ -78,7 +78,7 @@ def test_foreground_serve_stops_cleanly_on_sigterm(tmp_path, name):
 
 def test_cleanup_removes_segments_of_dead_servers():
     stale = shm.segment_name(2**22 + 4321, "0bad", "ring")
-    shm.create(stale, 4096).close()
+    shm.create(stale, 4096)[0].close()
     out = ringfeed("cleanup")
     assert out.returncode == 0 and stale in out.stdout
     assert not os.path.exists(f"/dev/shm/{stale}")

@@ -90,7 +90,7 @@ def test_remove_stale_keeps_live_owners():
     dead = shm.segment_name(2**22 + 12345, "dead", "ring")  # above pid_max: never a live process
     live = shm.segment_name(os.getpid(), "live", "ring")
     for name in (dead, live):
-        shm.create(name, 4096).close()
+        shm.create(name, 4096)[0].close()
     try:
         removed = shm.remove_stale()
         assert dead in removed and live not in removed
