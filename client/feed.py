@@ -19,12 +19,19 @@ memory read, and the server sends a WAKE message only when the feed sleeps,
 once the batches of one ACK's worth of credit are there (or nothing more is
 being made). Otherwise they arrive in BATCHES messages.
 
+Trust: the feed checks everything WELCOME says (``protocol.parse_welcome``) and
+maps the ring only if the segment is this user's own and carries the token
+(``leases.RingMapping``); only then does it write to its mailbox. Slot numbers
+from the server are checked against the ring. The default endpoint is used
+only in a trusted runtime folder (``paths.trusted_runtime_dir``).
+
 Liveness: a socket monitor reports when the connection drops, and the server
 says when it dropped this feed (ERROR "Expired", after a pause longer than
 its client timeout). The feed then opens a fresh socket and says HELLO again
 from the batch it is at; a server that is back on the same endpoint within
-``timeout_s`` continues the stream (batches are deterministic). Otherwise, or if a connected server stays silent
-for ``timeout_s``, the feed raises ``ServerGoneError``.
+``timeout_s`` continues the stream (batches are deterministic). Otherwise, or
+if a connected server stays silent for ``timeout_s``, the feed raises
+``ServerGoneError``.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import mailbox, pinning, protocol
 from .errors import PinMemoryError, RemoteWorkerError, RingfeedError, ServerGoneError
 from .leases import RingMapping, copy_arrays, frame_arrays, lease_arrays
-from .paths import default_endpoint, pid_namespace
+from .paths import check_name, default_endpoint, pid_namespace, runtime_dir, trusted_runtime_dir
 from .security import client_curve_options
 
 POLL_S = 0.02
@@ -52,6 +59,18 @@ DEFAULT_PREFETCH = 16  # the server grants at most half its ring
 TRANSPORTS = ("auto", "shm", "frames")
 _MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def _local_endpoint(name: str) -> str:
+    """The endpoint of the local service ``name``, once its runtime folder is found trustworthy
+    (``PermissionError`` if not): whoever can write there could stand in for the server."""
+    check_name(name)
+    try:
+        trusted_runtime_dir()
+    except FileNotFoundError:  # and nobody may plant it while we wait for a server to answer
+        raise ServerGoneError(f"no ringfeed service {name!r} runs here: its runtime folder "
+                              f"{runtime_dir()} does not exist (ringfeed start, or pass an endpoint)") from None
+    return default_endpoint(name)
 
 
 @dataclass(frozen=True)
@@ -154,7 +173,7 @@ class Feed(BatchStream):
             raise ValueError(f"prefetch must be an integer >= 1, got {prefetch!r}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-        self.endpoint = endpoint or default_endpoint(name)
+        self.endpoint = endpoint or _local_endpoint(name)
         self.transport, self.job, self.shard = transport, job, tuple(shard)
         self.timeout_s, self.copy, self.prefetch = timeout_s, copy, prefetch
         self.pin_memory = pin_memory
@@ -270,7 +289,7 @@ class Feed(BatchStream):
                 continue
             frames = self._sock.recv_multipart()
             if frames[0] == protocol.WELCOME:
-                mode = self._welcome(protocol.decode_json(frames[1], "WELCOME"))
+                mode = self._welcome(self._parse_welcome(frames))
                 self._sock.send_multipart(protocol.mode(mode, self._mapping and self._mapping.proof()))
                 self._last_heard = self._last_ping = time.monotonic()
                 self._disconnected_at = None
@@ -288,12 +307,18 @@ class Feed(BatchStream):
         self._monitor.close(0)
         raise self._failure
 
-    def _welcome(self, welcome: dict) -> str:
-        """Take in WELCOME; return the mode this feed asks for."""
-        layout = welcome["layout"]
-        spec = FeedSpec(welcome["batch_size"], welcome["steps_per_epoch"], tuple(layout["x_shape"][1:]),
-                        np.dtype(layout["x_dtype"]), tuple(layout["y_shape"][1:]),
-                        np.dtype(layout["y_dtype"]), welcome["samples"])
+    def _parse_welcome(self, frames: list) -> protocol.WelcomeMsg:
+        try:
+            return protocol.parse_welcome(frames, self.prefetch)
+        except protocol.ProtocolError as exc:
+            self._failure = RingfeedError(f"refusing the server at {self.endpoint}: {exc}")
+            self._abandon()
+
+    def _welcome(self, welcome: protocol.WelcomeMsg) -> str:
+        """Take in a checked WELCOME; return the mode this feed asks for."""
+        layout = welcome.layout
+        spec = FeedSpec(welcome.batch_size, welcome.steps_per_epoch, layout.x_shape[1:],
+                        np.dtype(layout.x_dtype), layout.y_shape[1:], np.dtype(layout.y_dtype), welcome.samples)
         if self.spec is not None and spec != self.spec:
             self._failure = RingfeedError(f"the server at {self.endpoint} came back with a different "
                                           f"stream: {spec} instead of {self.spec}")
@@ -302,11 +327,12 @@ class Feed(BatchStream):
         if self.transport != "frames":
             try:
                 self._mapping = RingMapping(layout)
-            except OSError as exc:
+            except OSError as exc:  # "auto" declines the mapping: batches come as frames instead
                 if self.transport == "shm":
                     self._failure = RingfeedError(
-                        f"cannot map the server's ring segment {layout['segment']!r} ({exc}); "
-                        "transport='shm' needs the server's host and IPC namespace")
+                        f"cannot map the server's ring segment (WELCOME layout field 'segment' "
+                        f"{layout.segment!r}): {exc}; transport='shm' needs the server's host and "
+                        "IPC namespace, and a segment this user owns")
                     self._abandon()
         if self._mapping is not None and self._cudart is not None:
             try:
@@ -319,19 +345,15 @@ class Feed(BatchStream):
             self.steps_per_epoch = len(range(i, spec.steps_per_epoch, n))  # batches per epoch for this feed
             self._next = self._start[0] * self.steps_per_epoch + (self._start[1] - i) // n
         self.spec = spec
-        self.heartbeat_s = float(welcome["heartbeat_s"])
-        self._ack_every = max(1, welcome["credit"] // 2)  # fewer messages, credit still flowing
+        self.heartbeat_s = welcome.heartbeat_s
+        self._ack_every = max(1, welcome.credit // 2)  # fewer messages, credit still flowing
         self._mailbox = None
         if self._mapping is None:
             return "frames"
-        if "mailbox" not in welcome or not mailbox.supported():
+        if welcome.mailbox is None or not mailbox.supported():
             return "shm"
-        k, token = welcome["mailbox"]
-        if not (isinstance(k, int) and 0 <= k < layout["mailboxes"] and isinstance(token, int)):
-            self._failure = protocol.ProtocolError(f"WELCOME: bad mailbox {welcome['mailbox']!r:.80}")
-            self._abandon()
-        self._mailbox = mailbox.open_mailbox(self._mapping.base, layout["mailbox_offset"],
-                                             layout["mailbox_capacity"], k)
+        k, token = welcome.mailbox
+        self._mailbox = mailbox.open_mailbox(self._mapping.base, layout.mailbox_offset, layout.mailbox_capacity, k)
         self._mailbox.attach(token)
         return "mailbox"
 
@@ -386,7 +408,7 @@ class Feed(BatchStream):
 
     def _take_mailbox(self) -> int:
         try:
-            records = self._mailbox.take(self._layout["slots"])
+            records = self._mailbox.take(self._layout.slots)
         except (mailbox.MailboxLost, protocol.ProtocolError) as exc:
             self._failure = RingfeedError(f"the server at {self.endpoint}: {exc}")
             self._mailbox = None
@@ -427,6 +449,10 @@ class Feed(BatchStream):
             if self._mapping is None:
                 raise protocol.ProtocolError("BATCHES (slot descriptors) sent to a feed in frames mode")
             for msg in protocol.parse_batches(frames):
+                if not msg.slot < self._layout.slots:  # its arrays would lie outside the mapping
+                    self._failure = RingfeedError(f"the server at {self.endpoint}: BATCHES: record for slot "
+                                                  f"{msg.slot}, expected 0 to {self._layout.slots - 1}")
+                    return
                 if self._closed:
                     self._released.append(msg.slot)
                 else:

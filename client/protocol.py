@@ -9,7 +9,9 @@ evaluated: every parser checks frame count, size and types, and raises
 Client <-> broker (the client's DEALER talks to the broker's ROUTER)::
 
     HELLO  {version, start: [epoch, index], credit, pid, pidns, job?, shard?: [i, n]}
-                                                      -> WELCOME {layout, spec..., credit (granted),
+                                                      -> WELCOME {layout, batch_size, steps_per_epoch,
+                                                                  samples, heartbeat_s, ordered,
+                                                                  server_pid, credit (granted),
                                                                   mailbox?: [k, token]}
     MODE   b"frames" | b"shm" <proof> | b"mailbox" <proof>
                                                       (how batches travel; streaming starts. A client
@@ -39,13 +41,22 @@ Worker <-> broker (each worker's own socketpair, see loader_server/channel.py)::
                                          under on_error="skip")
     W_ERROR <slot:u32> {kind, message, traceback, epoch, index, sample}
     STOP
+
+The client trusts a server no more than the server trusts it: ``parse_welcome``
+checks every WELCOME field the client uses (the ring segment's name, its token,
+every offset, size, shape and dtype of the layout, the mailbox and the credit)
+before anything is opened, mapped or written.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass
+
+from .paths import SEGMENT_NAME
 
 PROTOCOL_VERSION = 3  # 3: MODE carries the ring proof; ERROR "Expired"
 MAX_JSON_BYTES = 64 * 1024
@@ -87,6 +98,24 @@ _TASK = struct.Struct("<Iqq")
 _SLOT = struct.Struct("<I")
 _DONE = struct.Struct("<II")
 _U32 = struct.Struct("<I")
+
+# WELCOME limits: generous for any real ring, small enough that arithmetic on them stays sane.
+TOKEN_BYTES = 16  # the ring token at the start of the segment (loader_server/ring.py)
+_TOKEN_HEX = re.compile(r"[0-9a-f]{32}")
+ALIGN = 64  # slots and their arrays start on 64-byte boundaries
+MAX_SLOTS = 1 << 16
+MAX_SEGMENT_BYTES = 1 << 46
+MAX_NDIM = 8
+MAX_BATCH_SIZE = 1 << 24
+MAX_COUNT = 1 << 48  # steps_per_epoch, samples
+MAX_MAILBOXES = 1024
+MAX_HEARTBEAT_S = 3600.0
+MAX_PID = (1 << 31) - 1
+# Plain numeric dtypes, spelled as numpy's ``dtype.str``: nothing with objects, fields or strings.
+DTYPE_SIZES = {f"{order}{kind}{size}": size
+               for kind, sizes in (("b", (1,)), ("i", (1, 2, 4, 8)), ("u", (1, 2, 4, 8)),
+                                   ("f", (2, 4, 8)), ("c", (8, 16)))
+               for size in sizes for order in (("|",) if size == 1 else ("<", ">"))}
 
 
 class ProtocolError(ValueError):
@@ -134,10 +163,10 @@ def decode_json(frame, what: str) -> dict:
         raise ProtocolError(f"{what}: JSON payload of {buf.nbytes} bytes exceeds {MAX_JSON_BYTES}")
     try:
         obj = json.loads(bytes(buf).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{what}: payload is not UTF-8 JSON ({exc})") from None
     except RecursionError:
         raise ProtocolError(f"{what}: JSON nested too deeply") from None
+    except ValueError as exc:  # not UTF-8, not JSON, or ints past Python's digit limit
+        raise ProtocolError(f"{what}: payload is not UTF-8 JSON that Python can read ({exc})") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -244,6 +273,166 @@ def parse_ack(frames: list) -> tuple[int, tuple[int, ...]]:
 
 
 # -- broker -> client ---------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class RingLayout:
+    """The ring segment's layout as WELCOME states it (``Layout`` in loader_server/ring.py), checked."""
+    segment: str  # a name in /dev/shm matching ``paths.SEGMENT_NAME``
+    token: bytes  # TOKEN_BYTES that the segment starts with
+    header: int
+    slots: int
+    slot_bytes: int
+    x_offset: int  # within each slot
+    x_shape: tuple[int, ...]
+    x_dtype: str
+    y_offset: int
+    y_shape: tuple[int, ...]
+    y_dtype: str
+    mailboxes: int
+    mailbox_offset: int  # of mailbox 0, within the header
+    mailbox_capacity: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.header + self.slots * self.slot_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WelcomeMsg:
+    layout: RingLayout
+    batch_size: int
+    steps_per_epoch: int
+    samples: int
+    heartbeat_s: float
+    credit: int  # granted: at most what HELLO asked for
+    ordered: bool
+    server_pid: int
+    mailbox: tuple[int, int] | None  # (k, token) of the mailbox offered to this client
+
+
+def _int_field(obj: dict, key: str, low: int, high: int, what: str) -> int:
+    value = json_field(obj, key, int, what)
+    if not low <= value <= high:
+        raise ProtocolError(f"{what}: field {key!r} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _aligned_field(obj: dict, key: str, low: int, what: str) -> int:
+    value = _int_field(obj, key, low, MAX_SEGMENT_BYTES, what)
+    if value % ALIGN:
+        raise ProtocolError(f"{what}: field {key!r} must be a multiple of {ALIGN}, got {value}")
+    return value
+
+
+def _shape_field(obj: dict, key: str, batch_size: int, what: str) -> tuple[int, ...]:
+    shape = json_field(obj, key, list, what)
+    if (not 1 <= len(shape) <= MAX_NDIM
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_SEGMENT_BYTES
+                       for n in shape)):
+        raise ProtocolError(f"{what}: field {key!r} must be 1 to {MAX_NDIM} non-negative ints, "
+                            f"got {shape!r:.80}")
+    if shape[0] != batch_size:
+        raise ProtocolError(f"{what}: field {key!r} must start with batch_size {batch_size}, got {shape!r:.80}")
+    return tuple(shape)
+
+
+def _dtype_field(obj: dict, key: str, what: str) -> str:
+    dtype = json_field(obj, key, str, what)
+    if dtype not in DTYPE_SIZES:
+        raise ProtocolError(f"{what}: field {key!r} must be a bool, int, uint, float or complex dtype "
+                            f"as numpy spells it ('<f4', '|u1', ...), got {dtype!r:.40}")
+    return dtype
+
+
+def _segment_field(obj: dict, what: str) -> str:
+    segment = json_field(obj, "segment", str, what)
+    match = SEGMENT_NAME.fullmatch(segment)
+    if match is None or match.group(4) != "ring":
+        raise ProtocolError(f"{what}: field 'segment' must be a ring segment name matching "
+                            f"{SEGMENT_NAME.pattern} and ending in '-ring', got {segment!r:.80}")
+    return segment
+
+
+def _token_field(obj: dict, what: str) -> bytes:
+    token = json_field(obj, "token", str, what)
+    if not _TOKEN_HEX.fullmatch(token):
+        raise ProtocolError(f"{what}: field 'token' must be {2 * TOKEN_BYTES} lowercase hex digits, "
+                            f"got {token!r:.80}")
+    return bytes.fromhex(token)
+
+
+def _check_regions(layout: RingLayout, what: str) -> None:
+    """Each array inside a slot, the two apart, the mailboxes between the token and the slots."""
+    x = (layout.x_offset, layout.x_offset + math.prod(layout.x_shape) * DTYPE_SIZES[layout.x_dtype])
+    y = (layout.y_offset, layout.y_offset + math.prod(layout.y_shape) * DTYPE_SIZES[layout.y_dtype])
+    for key, (start, end) in (("x_offset", x), ("y_offset", y)):
+        if end > layout.slot_bytes:
+            raise ProtocolError(f"{what}: field {key!r}: the array [{start}, {end}) does not fit in "
+                                f"slot_bytes {layout.slot_bytes}")
+    both_hold_bytes = x[0] < x[1] and y[0] < y[1]
+    if both_hold_bytes and x[0] < y[1] and y[0] < x[1]:
+        raise ProtocolError(f"{what}: fields 'x_offset' and 'y_offset': x [{x[0]}, {x[1]}) and "
+                            f"y [{y[0]}, {y[1]}) overlap")
+    from .mailbox import mailbox_bytes  # here: client/mailbox.py imports this module
+
+    mailboxes_end = layout.mailbox_offset + layout.mailboxes * mailbox_bytes(layout.mailbox_capacity)
+    if mailboxes_end > layout.header:
+        raise ProtocolError(f"{what}: field 'mailbox_offset': {layout.mailboxes} mailboxes from byte "
+                            f"{layout.mailbox_offset} end at byte {mailboxes_end}, beyond the header's "
+                            f"{layout.header} bytes")
+    if layout.nbytes > MAX_SEGMENT_BYTES:
+        raise ProtocolError(f"{what}: the ring of {layout.slots} slots of {layout.slot_bytes} bytes after "
+                            f"a {layout.header}-byte header exceeds {MAX_SEGMENT_BYTES} bytes")
+
+
+def _parse_layout(obj: dict, batch_size: int) -> RingLayout:
+    what = "WELCOME layout"
+    slots = _int_field(obj, "slots", 1, MAX_SLOTS, what)
+    capacity = json_field(obj, "mailbox_capacity", int, what)
+    if capacity != slots:
+        raise ProtocolError(f"{what}: field 'mailbox_capacity' must equal slots ({slots}), got {capacity}")
+    layout = RingLayout(
+        segment=_segment_field(obj, what), token=_token_field(obj, what),
+        header=_aligned_field(obj, "header", ALIGN, what), slots=slots,
+        slot_bytes=_aligned_field(obj, "slot_bytes", ALIGN, what),
+        x_offset=_aligned_field(obj, "x_offset", 0, what), x_shape=_shape_field(obj, "x_shape", batch_size, what),
+        x_dtype=_dtype_field(obj, "x_dtype", what),
+        y_offset=_aligned_field(obj, "y_offset", 0, what), y_shape=_shape_field(obj, "y_shape", batch_size, what),
+        y_dtype=_dtype_field(obj, "y_dtype", what),
+        mailboxes=_int_field(obj, "mailboxes", 0, MAX_MAILBOXES, what),
+        mailbox_offset=_aligned_field(obj, "mailbox_offset", TOKEN_BYTES, what), mailbox_capacity=capacity)
+    _check_regions(layout, what)
+    return layout
+
+
+def _mailbox_field(obj: dict, mailboxes: int) -> tuple[int, int] | None:
+    if "mailbox" not in obj:
+        return None
+    offer = json_field(obj, "mailbox", list, "WELCOME")
+    if (len(offer) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in offer)
+            or not 0 <= offer[0] < mailboxes or not 1 <= offer[1] < 1 << 63):
+        raise ProtocolError(f"WELCOME: field 'mailbox' must be [k, token] with 0 <= k < {mailboxes} "
+                            f"and 1 <= token < 2**63, got {offer!r:.80}")
+    return offer[0], offer[1]
+
+
+def parse_welcome(frames: list, requested_credit: int) -> WelcomeMsg:
+    """WELCOME, checked field by field; ``requested_credit`` is what this client's HELLO asked for."""
+    _expect_frames(frames, 2, "WELCOME")
+    obj = decode_json(frames[1], "WELCOME")
+    batch_size = _int_field(obj, "batch_size", 1, MAX_BATCH_SIZE, "WELCOME")
+    layout = _parse_layout(json_field(obj, "layout", dict, "WELCOME"), batch_size)
+    heartbeat_s = json_field(obj, "heartbeat_s", (int, float), "WELCOME")
+    if not 0 < heartbeat_s <= MAX_HEARTBEAT_S:
+        raise ProtocolError(f"WELCOME: field 'heartbeat_s' must be in (0, {MAX_HEARTBEAT_S}], got {heartbeat_s}")
+    return WelcomeMsg(
+        layout=layout, batch_size=batch_size,
+        steps_per_epoch=_int_field(obj, "steps_per_epoch", 1, MAX_COUNT, "WELCOME"),
+        samples=_int_field(obj, "samples", 1, MAX_COUNT, "WELCOME"), heartbeat_s=float(heartbeat_s),
+        credit=_int_field(obj, "credit", 1, requested_credit, "WELCOME"),
+        ordered=json_field(obj, "ordered", bool, "WELCOME"),
+        server_pid=_int_field(obj, "server_pid", 1, MAX_PID, "WELCOME"),
+        mailbox=_mailbox_field(obj, layout.mailboxes))
 
 def batch(msg: BatchMsg) -> list[bytes]:
     return [BATCH, _BATCH.pack(msg.slot, msg.flags, msg.epoch, msg.index, msg.seq)]

@@ -13,14 +13,13 @@ dead server left behind. Both are bounded and idempotent.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from client.paths import ensure_runtime_dir, log_file, state_file
+from client.paths import ensure_runtime_dir, log_file, read_state_file, state_file
 
 from . import shm
 from .procs import pid_alive
@@ -34,12 +33,18 @@ class BackgroundError(RuntimeError):
 
 
 def read_state(name: str) -> dict | None:
-    """The state file of a live server called ``name``, else ``None`` (a stale file is removed)."""
+    """The state file of a live server called ``name``, else ``None`` (a stale file is removed).
+    ``BackgroundError`` if the file or its folder is not trusted (``paths.read_state_file``):
+    ``stop`` would signal whatever pid it names."""
     path = state_file(name)
     try:
-        state = json.loads(path.read_text())
+        state = read_state_file(path)
+        if state is None:
+            return None
         pid = int(state["pid"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    except PermissionError as exc:
+        raise BackgroundError(str(exc)) from None
+    except (ValueError, KeyError, TypeError):
         return None
     if not pid_alive(pid):
         path.unlink(missing_ok=True)
