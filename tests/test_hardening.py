@@ -102,16 +102,19 @@ def test_hostile_messages_cost_their_client_only(name):
             assert _reply(sock, _hello(start=(protocol.MAX_POSITION, 0)))[0] == protocol.WELCOME
             batch = protocol.parse_batch(_reply(sock, protocol.mode("frames")))
             assert (batch.epoch, batch.index) == (protocol.MAX_POSITION, 0)
-            # Two clients of one job with different shards (a fan-in trainer restarted with
-            # another number of servers), both leaving: the second replaced the first's job.
-            other = _raw_client(svc.endpoint)
-            assert _reply(sock, _hello(job="j", shard=[0, 1]))[0] == protocol.WELCOME
-            assert _reply(other, _hello(job="j", shard=[0, 2]))[0] == protocol.WELCOME
-            for s in (sock, other):
-                s.send_multipart([protocol.BYE])
-            other.close(0)
         finally:
             sock.close(0)
+        # Two clients of one job with different shards (a fan-in trainer restarted with another
+        # number of servers), both leaving: the second replaced the first's job.
+        members = [_raw_client(svc.endpoint) for _ in range(2)]
+        try:
+            for sock, shard in zip(members, ([0, 1], [0, 2])):
+                assert _reply(sock, _hello(job="j", shard=shard))[0] == protocol.WELCOME
+            for sock in members:
+                sock.send_multipart([protocol.BYE])
+        finally:
+            for sock in members:
+                sock.close(0)
         with Feed(svc.endpoint) as feed:
             got = [next(feed.generator()) for _ in range(1)] + [feed.next_batch(copy=True) for _ in range(5)]
     for (x, y), (ex, ey) in zip(got, expected):
