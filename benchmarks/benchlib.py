@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shlex
+import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +66,13 @@ def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
         p.error("--rounds must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
     return args
+
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def worker_counts() -> list[int]:

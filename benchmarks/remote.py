@@ -21,7 +21,6 @@ delivered x bytes and samples/s; the Scale-out issue's target is ringfeed TCP
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 from contextlib import ExitStack
 
 import numpy as np
@@ -32,12 +31,6 @@ from benchlib import AUGMENT, BATCH, CROP, IMAGE, SEED, log
 TARGET_RATIO = 0.8
 RING_BUFFERS = 16
 RECV_TIMEOUT_MS = 10_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def workload(name: str, samples: int):
@@ -118,7 +111,7 @@ class RawZmq:
 
         self.name = self.named(buffers, work)
         self.nbytes, self.batch_bytes = nbytes, nbytes
-        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        endpoint = f"tcp://127.0.0.1:{benchlib.free_port()}"
         ctx = mp.get_context("spawn")
         self._stop = ctx.Event()
         self._proc = ctx.Process(target=raw_sender, args=(endpoint, nbytes, buffers, work, self._stop),
@@ -180,7 +173,7 @@ def main() -> None:
                              targets={"tcp_vs_raw": TARGET_RATIO})
     with ExitStack() as stack:
         def service(tag: str, workers: int, tcp: bool, **options):
-            endpoint = f"tcp://127.0.0.1:{free_port()}" if tcp else None
+            endpoint = f"tcp://127.0.0.1:{benchlib.free_port()}" if tcp else None
             config = Config(batch_size=BATCH, workers=workers, seed=SEED, augment=augment, endpoint=endpoint,
                             name=benchlib.service_name("remote", tag), **options)
             return stack.enter_context(Service(config, features=features, labels=labels))

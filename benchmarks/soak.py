@@ -3,7 +3,14 @@
 Workload: 20,480 synthetic 32x32x3 uint8 images whose labels are their sample
 ids, random 28x28 crop, flip, normalize (to float32), batch 128, 2 workers.
 A thread SIGKILLs a random ready worker every ``--kill-every-s`` seconds (the
-server replaces it and recomputes its batch) while the main thread consumes.
+server replaces it and recomputes its batch) while the main thread consumes
+over shared memory. Another thread SIGSTOPs a ready worker every
+``--stop-every-s`` and SIGCONTs it after half, then twice, ``task_timeout_s``
+in turn (so a pause the broker waits out, and one whose deadline makes it kill
+and replace the worker). Unless ``--tcp-rate 0``, the server listens on
+loopback TCP and a second feed reads its own stream there as frames at
+``--tcp-rate`` batches/s, checked the same way (slots that ZeroMQ still sends
+from must not be reused).
 
 Checked, for every batch delivered:
 
@@ -23,7 +30,8 @@ epochs, kills, restarts, the server's and the workers' RSS (``VmRSS`` and
 open fds and child processes, and the ring's slots. The server's log (one
 warning per restart) goes to ``--server-log``, not the terminal.
 
-    .venv/bin/python benchmarks/soak.py --minutes 10 [--kill-every-s 2.0] [--workers 2]
+    .venv/bin/python benchmarks/soak.py --minutes 10 [--kill-every-s 2.0] [--stop-every-s 60]
+                                        [--tcp-rate 20] [--workers 2]
                                         [--out benchmarks/results/soak.json]
 
 Exit status: 0 clean; 1 if any duplicate, loss, unexpected id or mismatching
@@ -105,10 +113,11 @@ class Verifier:
     """Recomputes batches in this process and keeps the per-epoch id accounting."""
 
     def __init__(self, config, features: np.ndarray, labels: np.ndarray):
+        from loader_server import shm
         from loader_server.batches import BatchMaker
         from loader_server.sources import publish
 
-        self.segment = f"ringfeed-{os.getpid()}-{secrets.token_hex(4)}-data"
+        self.segment = shm.segment_name(os.getpid(), secrets.token_hex(4), "data")
         self.maker = BatchMaker(config, publish(features, labels, self.segment))
         self.labels = labels
         self.n = len(labels)
@@ -215,28 +224,33 @@ class Shared:
         self.batches = 0
         self.epochs = 0
         self.kills: list[list] = []  # [t_s, pid]
+        self.stops: list[list] = []  # [t_s, pid, held_s]
         self.kill_attempts_without_ready = 0
         self.kill_errors: list[str] = []
         self.restarts = None
         self.stop = threading.Event()
 
 
-def killer(svc, shared: Shared, every_s: float, seed: int, t0: float) -> None:
-    """Every ``every_s``: SIGKILL one random worker that the server reports ready."""
+def ready_workers(svc, shared: Shared) -> list[int]:
+    """Pids of the workers the server reports ready; only ever the server's own children."""
     from client.status import query_status
 
+    try:
+        status = query_status(svc.endpoint)
+    except Exception as exc:  # a status error must not end the soak; record it
+        shared.kill_errors.append(f"status: {type(exc).__name__}: {exc}")
+        return []
+    ready = [pid for pid in (status or {}).get("workers_ready", []) if pid]
+    return [pid for pid in ready if parent_pid(pid) == svc.pid]
+
+
+def killer(svc, shared: Shared, every_s: float, seed: int, t0: float) -> None:
+    """Every ``every_s``: SIGKILL one random worker that the server reports ready."""
     rng = random.Random(seed)
     next_at = time.monotonic() + every_s
     while not shared.stop.wait(max(0.0, next_at - time.monotonic())):
         next_at += every_s
-        try:
-            status = query_status(svc.endpoint)
-        except Exception as exc:  # a status error must not end the soak; record it
-            shared.kill_errors.append(f"status: {type(exc).__name__}: {exc}")
-            continue
-        ready = [pid for pid in (status or {}).get("workers_ready", []) if pid]
-        # Only ever kill the server's own children.
-        ready = [pid for pid in ready if parent_pid(pid) == svc.pid]
+        ready = ready_workers(svc, shared)
         if not ready:
             shared.kill_attempts_without_ready += 1
             continue
@@ -246,6 +260,52 @@ def killer(svc, shared: Shared, every_s: float, seed: int, t0: float) -> None:
         except ProcessLookupError:
             continue
         shared.kills.append([round(time.monotonic() - t0, 3), pid])
+
+
+def staller(svc, shared: Shared, every_s: float, task_timeout_s: float, seed: int, t0: float) -> None:
+    """Every ``every_s``: SIGSTOP one ready worker and SIGCONT it after half, then twice,
+    ``task_timeout_s`` in turn (the broker waits out the first and replaces the worker in the second)."""
+    rng = random.Random(seed + 1)
+    holds = (task_timeout_s / 2, task_timeout_s * 2)
+    next_at = time.monotonic() + every_s
+    while not shared.stop.wait(max(0.0, next_at - time.monotonic())):
+        next_at += every_s
+        ready = ready_workers(svc, shared)
+        if not ready:
+            continue
+        pid, hold = rng.choice(ready), holds[len(shared.stops) % 2]
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            continue
+        shared.stops.append([round(time.monotonic() - t0, 3), pid, hold])
+        shared.stop.wait(hold)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass  # replaced past its deadline, or killed meanwhile
+
+
+def tcp_reader(endpoint: str, verifier: "Verifier", rate: float, timeout_s: float, shared: Shared,
+               out: dict) -> None:
+    """A second feed reading its own stream as frames over TCP, at ``rate`` batches/s; every
+    batch is recomputed and compared."""
+    from client import Feed
+
+    try:
+        with Feed(endpoint, transport="frames", timeout_s=timeout_s) as feed:
+            gen = feed.generator()
+            seq, next_at = 0, time.monotonic()
+            while not shared.stop.is_set():
+                x, y = next(gen)
+                verifier.batch(seq, x, y, check_x=True)
+                del x, y
+                seq += 1
+                next_at += 1.0 / rate
+                shared.stop.wait(max(0.0, next_at - time.monotonic()))
+            out["reconnects"] = feed.stats["reconnects"]
+    except Exception as exc:  # reported in the verdict, never lost
+        out["error"] = f"{type(exc).__name__}: {exc}"
 
 
 def rss_sample(svc, shared: Shared, t0: float, status: dict | None) -> dict:
@@ -334,6 +394,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seconds", type=float, help="how long to soak, in seconds (overrides --minutes)")
     p.add_argument("--kill-every-s", type=float, default=2.0,
                    help="SIGKILL a random ready worker this often (default 2.0; 0 = never)")
+    p.add_argument("--stop-every-s", type=float, default=60.0,
+                   help="SIGSTOP a random ready worker this often, for half then twice task_timeout_s "
+                        "in turn (default 60; 0 = never)")
+    p.add_argument("--task-timeout-s", type=float, default=5.0,
+                   help="the server's task_timeout_s, the floor of its hung-worker deadline (default 5)")
+    p.add_argument("--tcp-rate", type=float, default=20.0,
+                   help="batches/s of a second feed reading frames over loopback TCP (default 20; 0 = none)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--samples", type=int, default=20480, help="dataset size (default 20480)")
     p.add_argument("--image", type=int, default=32, help="image side, pixels (default 32; crop is side-4)")
@@ -386,6 +453,16 @@ def tail(path: Path, lines: int = 40) -> list[str]:
         return []
 
 
+def tcp_summary(verifier: "Verifier | None", out: dict) -> dict | None:
+    if verifier is None:
+        return None
+    verifier.end_epoch(verifier.totals["batches"] // verifier.steps, complete=False)
+    t = verifier.totals
+    return {"batches": t["batches"], "x_checked": t["x_checked"], "x_mismatches": t["x_mismatches"],
+            "label_mismatches": t["label_mismatches"], "duplicates": t["duplicates"], "losses": t["losses"],
+            "unexpected_ids": t["unexpected"], "mismatch_examples": verifier.mismatches, **out}
+
+
 def write_json(path: Path, result: dict) -> None:
     """Indented JSON, with each per-epoch row on one line."""
     rows = result["per_epoch"]["rows"]
@@ -410,8 +487,10 @@ def main() -> int:
     labels = np.arange(args.samples, dtype=np.int64)  # the labels are the sample ids
     crop = args.image - 4
     augment = [dict(AUGMENT[0], size=[crop, crop]), *AUGMENT[1:]]
+    endpoint = f"tcp://127.0.0.1:{benchlib.free_port()}" if args.tcp_rate > 0 else None
     config = Config(batch_size=args.batch_size, workers=args.workers, seed=args.seed, augment=augment,
-                    name=f"soak-{os.getpid()}", max_worker_restarts=100_000)
+                    name=f"soak-{os.getpid()}", max_worker_restarts=100_000, endpoint=endpoint,
+                    task_timeout_s=args.task_timeout_s)
     result = {
         "benchmark": "soak",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -420,11 +499,15 @@ def main() -> int:
                      "samples": args.samples, "image": [args.image, args.image, 3], "batch_size": args.batch_size,
                      "seed": args.seed, "augment": augment, "check_every": args.check_every,
                      "sample_every_s": args.sample_every_s, "feed_timeout_s": args.timeout_s,
+                     "stop_every_s": args.stop_every_s, "tcp_rate": args.tcp_rate,
+                     "task_timeout_s": config.task_timeout_s,
                      "server_log": str(args.server_log)},
         "machine": benchlib.machine_info(), "versions": benchlib.versions(),
         "ringfeed_source": benchlib.ringfeed_source(),
     }
     verifier = Verifier(config, features, labels)
+    tcp_verifier = Verifier(config, features, labels) if args.tcp_rate > 0 else None
+    tcp_out: dict = {"reconnects": None, "error": None}
     shared = Shared()
     samples: list[dict] = []
     threads: list[threading.Thread] = []
@@ -440,7 +523,7 @@ def main() -> int:
         start_service(svc, args.server_log)
         result["startup_s"] = round(time.monotonic() - started, 2)
         del features  # the verifier and the server have their own copies in shared memory
-        with Feed(svc.endpoint, timeout_s=args.timeout_s) as feed:
+        with Feed(svc.endpoint, timeout_s=args.timeout_s, transport="shm") as feed:
             if feed.steps_per_epoch != verifier.steps:
                 raise RuntimeError(f"the server says {feed.steps_per_epoch} steps per epoch, "
                                    f"the verifier {verifier.steps}")
@@ -458,6 +541,14 @@ def main() -> int:
             if args.kill_every_s > 0:
                 threads.append(threading.Thread(target=killer, name="soak-killer", daemon=True,
                                                 args=(svc, shared, args.kill_every_s, args.seed, t0)))
+            if args.stop_every_s > 0:
+                threads.append(threading.Thread(target=staller, name="soak-staller", daemon=True,
+                                                args=(svc, shared, args.stop_every_s, config.task_timeout_s,
+                                                      args.seed, t0)))
+            if tcp_verifier is not None:
+                threads.append(threading.Thread(target=tcp_reader, name="soak-tcp-reader", daemon=True,
+                                                args=(svc.endpoint, tcp_verifier, args.tcp_rate, args.timeout_s,
+                                                      shared, tcp_out)))
             for thread in threads:
                 thread.start()
             deadline = t0 + args.duration_s
@@ -513,6 +604,8 @@ def main() -> int:
         svc.stop()
         result["shutdown_s"] = round(time.monotonic() - stopping, 2)
         verifier.close()
+        if tcp_verifier is not None:
+            tcp_verifier.close()
 
     partial_epoch = verifier.epoch_batches
     verifier.end_epoch(verifier.totals["batches"] // verifier.steps, complete=False)
@@ -541,6 +634,8 @@ def main() -> int:
         "kill_ticks_without_a_ready_worker": shared.kill_attempts_without_ready,
         "kill_errors": shared.kill_errors[:MAX_EXAMPLES],
         "kills": shared.kills,
+        "worker_stops": shared.stops,
+        "tcp_reader": tcp_summary(tcp_verifier, tcp_out),
         "worker_restarts": restarts,
         "max_gap_between_batches_s": max_gap["s"],
         "max_gap_at_seq": max_gap["seq"],
@@ -561,8 +656,10 @@ def main() -> int:
     if error:
         result["server_log_tail"] = tail(args.server_log)
 
-    integrity = verifier.failures()
+    integrity = verifier.failures() + (tcp_verifier.failures() if tcp_verifier is not None else 0)
     problems = []
+    if tcp_out["error"]:
+        problems.append(f"tcp reader: {tcp_out['error']}")
     if integrity:
         problems.append(f"{integrity} integrity failure(s)")
     if error:
@@ -586,6 +683,12 @@ def main() -> int:
     print(f"worker kills       {kills} ({shared.kill_attempts_without_ready} ticks found no ready worker)")
     print(f"worker restarts    {restarts}")
     print(f"max batch gap      {max_gap['s']:.3f} s ({len(gaps_over_1s)} gaps over 1 s)")
+    tcp = result.get("tcp_reader")
+    if tcp:
+        print(f"tcp reader         {tcp['batches']:,} batches, {tcp['x_mismatches']} x / {tcp['label_mismatches']} label "
+              f"mismatches, {tcp['duplicates']} duplicates, {tcp['losses']} losses, reconnects {tcp['reconnects']}"
+              + (f", error {tcp['error']}" if tcp.get("error") else ""))
+    print(f"worker stops       {len(result['worker_stops'])}")
     for label, key in (("start", "rss_start"), ("end", "rss_end")):
         r = result.get(key)
         if r:

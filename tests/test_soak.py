@@ -56,7 +56,8 @@ def test_the_verifier_counts_duplicates_losses_and_corrupt_batches(name):
 
 def test_a_short_soak_under_kills_passes(tmp_path):
     out = tmp_path / "soak.json"
-    proc = subprocess.run([sys.executable, str(SOAK), "--seconds", "10", "--kill-every-s", "1",
+    proc = subprocess.run([sys.executable, str(SOAK), "--seconds", "10", "--kill-every-s", "2",
+                           "--stop-every-s", "2.5", "--task-timeout-s", "1", "--tcp-rate", "20",
                            "--samples", "4096", "--sample-every-s", "4", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -65,5 +66,9 @@ def test_a_short_soak_under_kills_passes(tmp_path):
     assert result["worker_kills"] >= 3 and result["worker_restarts"] >= 3
     assert result["epochs_completed"] >= 1 and result["x_checked"] == result["batches_delivered"]
     assert result["duplicates"] == result["losses"] == result["x_mismatches"] == 0
+    assert len(result["worker_stops"]) >= 2  # one waited out, one past the deadline
+    tcp = result["tcp_reader"]
+    assert tcp["batches"] >= 50 and tcp["x_checked"] == tcp["batches"] and tcp["error"] is None
+    assert tcp["duplicates"] == tcp["losses"] == tcp["x_mismatches"] == tcp["label_mismatches"] == 0
     assert len(result["rss_samples"]) >= 2 and result["rss_end"]["server_rss_mib"] > 0
     assert (tmp_path / "soak.server.log").exists()
