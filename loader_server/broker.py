@@ -545,12 +545,19 @@ class Broker:
             if task.client in self.clients:
                 return task
         hungry = [c for c in self.clients.values() if c.hungry]
+        if hungry and self._remote_slots() >= self.max_credit:  # frames clients share half the ring
+            hungry = [c for c in hungry if not c.frames]
         if not hungry:
             return None
         client = min(hungry, key=lambda c: len(c.assigned) - c.credit)
         seq = client.job.take_seq()
         client.assign(seq)
         return Retask(client.identity, seq)
+
+    def _remote_slots(self) -> int:
+        """Slots held for clients that get frames: being made for them, or still being sent.
+        A peer that stops reading its socket holds its frames' slots until it disconnects."""
+        return len(self.in_transit) + sum(len(c.assigned) for c in self.clients.values() if c.frames)
 
     def _schedule(self) -> None:
         """Hand out tasks while there are free slots, idle workers and wanted batches;

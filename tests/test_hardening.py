@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -66,10 +67,13 @@ def test_a_slow_tcp_reader_gets_the_bytes_the_shm_path_gets(name):
     assert not wrong, f"{len(wrong)} of {count} batches carry other bytes: {wrong[:10]}"
 
 
-def _raw_client(endpoint: str) -> zmq.Socket:
+def _raw_client(endpoint: str, **options) -> zmq.Socket:
+    """A DEALER with ``options`` (zmq option names) set before it connects, as they must be."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    for option, value in options.items():
+        sock.setsockopt(getattr(zmq, option), value)
     sock.connect(endpoint)
     return sock
 
@@ -82,8 +86,8 @@ def _reply(sock: zmq.Socket, frames: list[bytes]) -> list[bytes]:
     return reply
 
 
-def _hello(start=(0, 0), **fields) -> list[bytes]:
-    body = {"version": protocol.PROTOCOL_VERSION, "start": list(start), "credit": 2, "pid": 0,
+def _hello(start=(0, 0), credit=2, **fields) -> list[bytes]:
+    body = {"version": protocol.PROTOCOL_VERSION, "start": list(start), "credit": credit, "pid": 0,
             "pidns": "", "shard": [0, 1], **fields}
     return [protocol.HELLO, protocol.encode_json(body)]
 
@@ -274,3 +278,43 @@ def test_a_worker_restart_out_of_file_descriptors_is_retried(name):
     assert status["workers"] == 1 and status["worker_restarts"] == 1
     for (x, y), (ex, ey) in zip(got, expected):
         assert x.tobytes() == ex.tobytes() and np.array_equal(y, ey)
+
+
+def test_peers_that_stop_reading_hold_at_most_half_the_ring(name):
+    """Frames sent to a peer that does not read stay queued, and so do their slots: together,
+    frames clients may hold only half the ring, and a local feed keeps being served."""
+    images, labels = rgb_images(128, 64), np.arange(128)
+    config = Config(batch_size=32, workers=2, name=name, seed=6, slots=16,  # 1.5 MiB batches
+                    augment=({"op": "random_crop", "size": 56}, {"op": "normalize", "mean": 0.5, "std": 0.25}),
+                    endpoint=f"tcp://127.0.0.1:{free_port()}")
+    with Service(config, features=images, labels=labels) as svc:
+        stalled = []
+        for _ in range(2):
+            sock = _raw_client(svc.endpoint, RCVHWM=1, RCVBUF=4096)  # its libzmq stops reading TCP too
+            assert _reply(sock, _hello(credit=8))[0] == protocol.WELCOME
+            sock.send_multipart(protocol.mode("frames"))
+            stalled.append(sock)
+        got = []
+
+        def read_locally():
+            with Feed(svc.endpoint, transport="shm", prefetch=4) as feed:
+                got.extend(feed.next_batch(copy=True)[1] for _ in range(20))
+
+        try:
+            for _ in range(10):
+                for sock in stalled:
+                    sock.send_multipart([protocol.PING])
+                time.sleep(0.2)
+            held = query_status(svc.endpoint)["slots"]["leased"]  # frames still in ZeroMQ's queues
+            reader = threading.Thread(target=read_locally, daemon=True)
+            reader.start()
+            deadline = time.monotonic() + 20
+            while reader.is_alive() and time.monotonic() < deadline:  # they say they are alive
+                for sock in stalled:
+                    sock.send_multipart([protocol.PING])
+                reader.join(0.2)
+        finally:
+            for sock in stalled:
+                sock.close(0)
+    assert held <= config.slots // 2, f"peers that do not read hold {held} of {config.slots} slots"
+    assert len(got) == 20, f"the local feed got {len(got)} of 20 batches"
