@@ -58,6 +58,7 @@ class Config:
     max_worker_restarts: int = 10
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None
+    max_connections: int | None = None  # None: min(1024, fd limit // 4), set at server start
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -68,6 +69,8 @@ class Config:
         _check_int("worker_nice", self.worker_nice, 0)
         if self.worker_nice > 19:
             raise ConfigError(f"worker_nice must be at most 19 (the lowest priority), got {self.worker_nice!r}")
+        if self.max_connections is not None:
+            _check_int("max_connections", self.max_connections, 1)
         _check_number("heartbeat_s", self.heartbeat_s, 0.0)
         _check_number("task_timeout_s", self.task_timeout_s, 0.0)
         _check_int("max_clients", self.max_clients, 1)

@@ -49,6 +49,7 @@ from client.paths import ensure_runtime_dir, state_file
 from . import background, shm, sources
 from .broker import Broker
 from .config import Config, ConfigError
+from .connections import ConnectionGuard, default_max_connections, raise_fd_limit
 from .pool import WorkerPool
 from .procs import die_with_parent
 from .ring import Layout, Ring, aligned_empty
@@ -148,6 +149,7 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    fd_limit = raise_fd_limit()
     ensure_runtime_dir()
     _refuse_if_running(config.name)
     removed = shm.remove_stale()
@@ -157,7 +159,7 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
     owned: list[str] = []
     made_files: dict[Path, shm.FileId] = {}  # the ipc socket and the state file, to unlink if still ours
     ctx = zmq.Context.instance()
-    frontend = pool = ring = broker = authenticator = None
+    frontend = pool = ring = broker = authenticator = guard = None
     try:
         if source is None:
             source, owned = prepare_source(config, token)
@@ -187,7 +189,8 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
         frontend.setsockopt(zmq.LINGER, 0)
         frontend.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
         frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        housekeeping = []
+        guard = ConnectionGuard(frontend, config.max_connections or default_max_connections(fd_limit))
+        housekeeping = [guard.report_refusals]
         if config.curve_secret_key:
             authenticator, keys = secure_frontend(ctx, frontend, config.curve_secret_key,
                                                   config.curve_authorized_keys)
@@ -212,12 +215,14 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
             path = state_file(config.name)
             made_files[path] = _write_state(path, {"pid": os.getpid(), "endpoint": config.endpoint,
                                                    "name": config.name})
-            log.info("ready: %d workers, %d slots of %.1f MiB, endpoint %s (%.1f s)", config.workers,
-                     layout.slots, layout.slot_bytes / 2**20, config.endpoint, time.monotonic() - started)
+            log.info("ready: %d workers, %d slots of %.1f MiB, endpoint %s, at most %d connections "
+                     "(%.1f s)", config.workers, layout.slots, layout.slot_bytes / 2**20, config.endpoint,
+                     guard.max_connections, time.monotonic() - started)
             if on_ready is not None:
                 on_ready(config.endpoint)
 
-        broker = Broker(config, ring, pool, frontend, welcome, ready, housekeeping=housekeeping)
+        broker = Broker(config, ring, pool, frontend, welcome, ready, housekeeping=housekeeping,
+                        watched={guard.monitor: guard.handle})
 
         def should_stop():
             if not broker.is_ready and time.monotonic() - started > config.start_timeout_s:
@@ -233,6 +238,8 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
             broker.stop_workers()
         if pool is not None:
             pool.stop()
+        if guard is not None:
+            guard.close()
         if frontend is not None:
             frontend.close(0)
         if authenticator is not None:

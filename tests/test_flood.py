@@ -1,0 +1,149 @@
+"""Connection floods against a real server: the frontend holds at most ``max_connections``."""
+
+import os
+import selectors
+import signal
+import socket
+import time
+from contextlib import ExitStack
+
+import numpy as np
+import pytest
+from conftest import expected_batches, free_port, rgb_images, take
+
+from client import Feed
+from client.status import query_status
+from loader_server import Config, ConfigError, Service
+from loader_server.connections import default_max_connections, end_connection
+
+CAP = 50
+FLOOD = 200
+SETTLE_S = 5.0  # how long the server may take to end or drop connections
+POLL_S = 0.05
+
+
+def _service(name: str, images: np.ndarray) -> Service:
+    config = Config(batch_size=8, workers=1, name=name, endpoint=f"tcp://127.0.0.1:{free_port()}",
+                    max_connections=CAP)
+    return Service(config, features=images, labels=np.arange(len(images)))
+
+
+def _port(endpoint: str) -> int:
+    return int(endpoint.rpartition(":")[2])
+
+
+def _socket_fds(pid: int) -> int:
+    """How many sockets process ``pid`` holds open."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:  # closed while we looked
+            continue
+    return count
+
+
+def _settled_socket_fds(pid: int, at_most: int) -> int:
+    """The server's socket count, once it has fallen to ``at_most`` or after ``SETTLE_S``."""
+    deadline = time.monotonic() + SETTLE_S
+    while (held := _socket_fds(pid)) > at_most and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    return held
+
+
+def _flood(stack: ExitStack, port: int, n: int) -> list[socket.socket]:
+    """``n`` raw TCP connections: each holds an fd on the server without saying anything."""
+    return [stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=SETTLE_S))
+            for _ in range(n)]
+
+
+def _ended_by_server(conns: list[socket.socket]) -> int:
+    """How many of ``conns`` the server ends (EOF or reset) within ``SETTLE_S``; the server's
+    ZMTP greeting is read and ignored."""
+    ended = 0
+    with selectors.DefaultSelector() as sel:
+        for conn in conns:
+            conn.setblocking(False)
+            sel.register(conn, selectors.EVENT_READ)
+        deadline = time.monotonic() + SETTLE_S
+        while sel.get_map() and (left := deadline - time.monotonic()) > 0:
+            for key, _ in sel.select(min(left, 0.5)):
+                try:
+                    data = key.fileobj.recv(4096)
+                except (ConnectionResetError, BlockingIOError) as exc:
+                    data = b"" if isinstance(exc, ConnectionResetError) else None
+                if data == b"":
+                    sel.unregister(key.fileobj)
+                    ended += 1
+    return ended
+
+
+def test_flood_of_idle_connections_is_capped_and_the_rest_are_closed(name):
+    images = rgb_images(256, 16)
+    with _service(name, images) as svc, ExitStack() as flood:
+        baseline = _socket_fds(svc.pid)
+        conns = _flood(flood, _port(svc.endpoint), FLOOD)
+        assert _ended_by_server(conns) == FLOOD - CAP
+        assert baseline < _settled_socket_fds(svc.pid, baseline + CAP) <= baseline + CAP
+
+
+def test_a_feed_is_served_once_the_flood_is_gone(name):
+    images = rgb_images(256, 16)
+    with _service(name, images) as svc:
+        expected = expected_batches(svc.config, images, np.arange(256), 6)
+        baseline = _socket_fds(svc.pid)
+        with ExitStack() as flood:
+            _ended_by_server(_flood(flood, _port(svc.endpoint), FLOOD))
+        assert _settled_socket_fds(svc.pid, baseline) == baseline
+        with Feed(svc.endpoint) as feed:
+            got = take(feed, 6)
+    for (x, y), (ex, ey) in zip(got, expected, strict=True):
+        assert x.tobytes() == ex.tobytes() and np.array_equal(y, ey)
+
+
+def test_feed_connected_before_a_flood_is_served_through_it_and_a_worker_restart(name):
+    images = rgb_images(256, 16)
+    with _service(name, images) as svc, Feed(svc.endpoint, timeout_s=30) as feed:
+        expected = expected_batches(svc.config, images, np.arange(256), 40)
+        (worker,) = query_status(svc.endpoint)["worker_pids"]
+        got = take(feed, 10)
+        with ExitStack() as flood:
+            conns = _flood(flood, _port(svc.endpoint), FLOOD)
+            assert _ended_by_server(conns) == FLOOD - CAP + 1  # the feed holds one connection
+            os.kill(worker, signal.SIGKILL)  # the restart opens pipes: fds must be left for it
+            got += take(feed, 20)
+        got += take(feed, 10)
+        status = query_status(svc.endpoint)
+    assert status["worker_restarts"] == 1 and status["workers"] == 1
+    for (x, y), (ex, ey) in zip(got, expected, strict=True):
+        assert x.tobytes() == ex.tobytes() and np.array_equal(y, ey)
+
+
+def test_end_connection_leaves_alone_what_is_not_a_connection_on_the_endpoint():
+    with socket.create_server(("127.0.0.1", 0)) as listener, socket.create_server(("127.0.0.1", 0)) as other:
+        endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        with socket.create_connection(other.getsockname()) as _, other.accept()[0] as elsewhere:
+            assert not end_connection(elsewhere.fileno(), endpoint)  # another port
+        assert not end_connection(listener.fileno(), endpoint)  # the listener has no peer
+        read, write = os.pipe()
+        os.close(write)
+        assert not end_connection(read, endpoint)  # not a socket
+        os.close(read)
+        assert not end_connection(read, endpoint)  # closed
+        with socket.create_connection(listener.getsockname()) as peer, listener.accept()[0] as accepted:
+            assert end_connection(accepted.fileno(), endpoint)
+            peer.settimeout(SETTLE_S)
+            assert peer.recv(1) == b""
+            assert accepted.fileno() >= 0  # the owner's fd stays open; only the connection ended
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 2.5, "10"])
+def test_max_connections_is_validated(value):
+    with pytest.raises(ConfigError, match="max_connections"):
+        Config(max_connections=value)
+
+
+def test_default_cap_is_well_below_the_fd_limit():
+    assert default_max_connections(20000) == 1024
+    assert default_max_connections(1024) == 256
+    assert default_max_connections(2) == 1
