@@ -58,7 +58,7 @@ class Config:
     max_worker_restarts: int = 10
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None
-    max_connections: int | None = None  # None: min(1024, fd limit // 4), set at server start
+    max_connections: int | None = None  # None: min(4096, fd limit // 4), set at server start
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)

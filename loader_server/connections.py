@@ -32,7 +32,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 log = logging.getLogger("ringfeed.connections")
 
-DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_CONNECTIONS = 4096
 FD_LIMIT_SHARE = 4  # the default cap is at most a quarter of the fd limit
 MAX_EVENTS_PER_CALL = 4096  # one call never holds the broker loop for long
 REFUSAL_LOG_EVERY_S = 10.0

@@ -4,14 +4,17 @@ import os
 import selectors
 import signal
 import socket
+import threading
 import time
 from contextlib import ExitStack
 
 import numpy as np
 import pytest
+import zmq
 from conftest import expected_batches, free_port, rgb_images, take
 
-from client import Feed
+from client import Feed, protocol
+from client.paths import pid_namespace
 from client.status import query_status
 from loader_server import Config, ConfigError, Service
 from loader_server.connections import default_max_connections, end_connection
@@ -144,6 +147,64 @@ def test_max_connections_is_validated(value):
 
 
 def test_default_cap_is_well_below_the_fd_limit():
-    assert default_max_connections(20000) == 1024
+    assert default_max_connections(20000) == 4096
+    assert default_max_connections(10**6) == 4096
     assert default_max_connections(1024) == 256
     assert default_max_connections(2) == 1
+
+
+FLOOD_CLIENTS = 2000
+
+
+def _batches_per_s(feed, seconds: float) -> float:
+    stream, count, end = feed.generator(), 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        next(stream)
+        count += 1
+    return count / seconds
+
+
+def _zmq_flood(endpoint: str, stop, ready) -> None:
+    """2,000 DEALERs that say HELLO and then PING every second, each on its own connection."""
+    ctx = zmq.Context()
+    ctx.MAX_SOCKETS = FLOOD_CLIENTS + 100
+    socks = []
+    try:
+        for _ in range(FLOOD_CLIENTS):
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger, sock.sndhwm, sock.rcvhwm = 0, 10, 10
+            sock.connect(endpoint)
+            sock.send_multipart(protocol.hello(0, 0, 1, os.getpid(), pid_namespace()), zmq.NOBLOCK)
+            socks.append(sock)
+        ready.set()
+        while not stop.wait(1.0):
+            for sock in socks:
+                try:
+                    sock.send_multipart([protocol.PING], zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+    finally:
+        for sock in socks:
+            sock.close(0)
+        ctx.term()
+
+
+def test_a_feed_keeps_half_its_rate_under_a_flood_of_2000_clients(name):
+    """Ratio of one feed's batches/s with and without the flood, in one run (the flood is
+    refused at max_clients; its pings are answered with Expired)."""
+    with Service(Config(batch_size=8, workers=1, name=name), features=rgb_images(256, 16),
+                 labels=np.arange(256)) as svc, Feed(svc.endpoint, timeout_s=30) as feed:
+        _batches_per_s(feed, 1.0)
+        alone = _batches_per_s(feed, 3.0)
+        stop, ready = threading.Event(), threading.Event()
+        flooder = threading.Thread(target=_zmq_flood, args=(svc.endpoint, stop, ready), daemon=True)
+        flooder.start()
+        try:
+            assert ready.wait(120)
+            time.sleep(2.0)  # every HELLO answered
+            flooded = _batches_per_s(feed, 3.0)
+            assert query_status(svc.endpoint)["clients"] <= svc.config.max_clients + 1
+        finally:
+            stop.set()
+            flooder.join(60)
+    assert flooded >= 0.5 * alone, f"{flooded:.0f} batches/s under the flood against {alone:.0f} alone"
