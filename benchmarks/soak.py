@@ -685,8 +685,9 @@ def main() -> int:
     print(f"max batch gap      {max_gap['s']:.3f} s ({len(gaps_over_1s)} gaps over 1 s)")
     tcp = result.get("tcp_reader")
     if tcp:
-        print(f"tcp reader         {tcp['batches']:,} batches, {tcp['x_mismatches']} x / {tcp['label_mismatches']} label "
-              f"mismatches, {tcp['duplicates']} duplicates, {tcp['losses']} losses, reconnects {tcp['reconnects']}"
+        print(f"tcp reader         {tcp['batches']:,} batches, {tcp['x_mismatches']} x / "
+              f"{tcp['label_mismatches']} label mismatches, {tcp['duplicates']} duplicates, "
+              f"{tcp['losses']} losses, reconnects {tcp['reconnects']}"
               + (f", error {tcp['error']}" if tcp.get("error") else ""))
     print(f"worker stops       {len(result['worker_stops'])}")
     for label, key in (("start", "rss_start"), ("end", "rss_end")):

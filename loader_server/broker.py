@@ -349,9 +349,10 @@ class Broker:
     def _kill_hung_workers(self, now: float) -> None:
         for worker_id, stalled_s in self.progress.overdue(now):
             self.progress.forget(worker_id)  # killed once; its sentinel reports the death
-            self._kill_worker(worker_id, f"no progress for {stalled_s:.1f} s on {len(self.workers[worker_id].inflight)} "
-                                         f"task(s), past its deadline of {self.progress.deadline_s:.1f} s "
-                                         "(task_timeout_s, or 10x the recent batch time)")
+            tasks = len(self.workers[worker_id].inflight)
+            self._kill_worker(worker_id, f"no progress for {stalled_s:.1f} s on {tasks} task(s), past its "
+                                         f"deadline of {self.progress.deadline_s:.1f} s (task_timeout_s, or "
+                                         "10x the recent time per batch)")
 
     def _fail(self, reason: str) -> None:
         """No workers are left: tell every client, and refuse new ones, with ``reason``."""
