@@ -208,7 +208,7 @@ def _fuzz_frames(rng: random.Random):
     valid_hello = protocol.hello(0, 0, 2, 0, "")[1]
     commands = [protocol.HELLO, protocol.ACK, protocol.PING, protocol.BYE, protocol.STATUS, protocol.BATCH,
                 protocol.W_DONE, b"", b"\x00" * 40, bytes(rng.randrange(256) for _ in range(6))]
-    kind = rng.randrange(8)
+    kind = rng.randrange(10)
     command = rng.choice(commands)
     if kind == 0:
         return [command]
@@ -219,14 +219,22 @@ def _fuzz_frames(rng: random.Random):
     if kind == 3:
         return [protocol.ACK, os.urandom(4 * rng.randrange(1, 40))]
     if kind == 4:
-        junk = rng.choice(['{"version": 2}', '{"version": 2, "start": "x", "credit": 1}', "null", "1e999",
-                           '{"version": 2, "start": [0, 99999999], "credit": 1, "pid": 0, "pidns": ""}',
-                           '{"version": 2, "start": [0, 0], "credit": 5, "pid": -3, "pidns": ""}'])
-        return [protocol.HELLO, junk.encode()]
+        junk = rng.choice(['{"version": V}', '{"version": V, "start": "x", "credit": 1}', "null", "1e999",
+                           '{"version": V, "start": [0, 99999999], "credit": 1, "pid": 0, "pidns": ""}',
+                           '{"version": V, "start": [0, 0], "credit": 5, "pid": -3, "pidns": ""}',
+                           '{"version": V, "start": [9223372036854775808, 0], "credit": 1, "pid": 0, "pidns": ""}',
+                           '{"version": V, "start": [0, 0], "credit": 1, "pid": 0, "pidns": "", "x": ' + "9" * 5000
+                           + "}", '{"a":' * 5000 + "1" + "}" * 5000])
+        return [protocol.HELLO, junk.replace("V", str(protocol.PROTOCOL_VERSION)).encode()]
     if kind == 5:
         return [command, b"x" * rng.choice([70_000, 300_000])]
     if kind == 6:
         return [command, b"a", b"b", b"c"][: rng.randrange(1, 5)]
+    if kind == 7:  # members of one job asking for different shards, who then leave
+        n = rng.randrange(1, 4)
+        return rng.choice([protocol.hello(0, 0, 2, 0, "", job="j", shard=(rng.randrange(n), n)), [protocol.BYE]])
+    if kind == 8:  # a peer that does not map the ring claiming it does
+        return protocol.mode(rng.choice(["shm", "mailbox"]), os.urandom(protocol.PROOF_BYTES))
     return [protocol.HELLO, valid_hello, b"extra"]
 
 
