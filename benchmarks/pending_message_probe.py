@@ -24,6 +24,8 @@ import zmq
 SETTLE_S = 1.0
 QUEUE_TIMEOUT_S = 10.0
 POLL_MS = 100
+HANDSHAKE_TIMEOUT_S = 10.0
+GREETING_BYTES = 64
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -59,10 +61,27 @@ def server(replies, asks, stop) -> None:
             replies.put((heap_in_use_mib(), received))
 
 
+def _recv_exactly(peer: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = peer.recv(n - len(data))
+        if not chunk:
+            raise ConnectionResetError(f"the server closed the connection during the handshake, "
+                                       f"{len(data)} of {n} bytes read")
+        data += chunk
+    return data
+
+
 def zmtp_peer(port: int) -> socket.socket:
-    """A TCP connection past the ZMTP 3.0 NULL handshake, as a DEALER."""
-    peer = socket.create_connection(("127.0.0.1", port))
+    """A TCP connection past the ZMTP 3.0 NULL handshake, as a DEALER.
+
+    Our READY goes only once the server's has come: libzmq takes a frame that arrives before it
+    has sent its own READY for a handshake command, and fails the handshake."""
+    peer = socket.create_connection(("127.0.0.1", port), timeout=HANDSHAKE_TIMEOUT_S)
     peer.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32)
+    _recv_exactly(peer, GREETING_BYTES)
+    _flags, size = _recv_exactly(peer, 2)  # a short command: flags 0x04, then its size
+    _recv_exactly(peer, size)
     ready = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
     peer.sendall(b"\x04" + bytes([len(ready)]) + ready)
     return peer
@@ -90,15 +109,9 @@ def measure(frame_bytes: int, wire_mib: int) -> None:
     frame = more_frame(frame_bytes)
     chunk = frame * max(1, (1 << 20) // len(frame))
     peer, sent = zmtp_peer(port), 0
-    try:
-        while sent < wire_mib << 20:
-            peer.sendall(chunk)
-            sent += len(chunk)
-    except ConnectionResetError:  # now and then the handshake is refused at once; the server stays up
-        print(f"the server reset the connection after {sent / 2**20:.1f} MiB")
-        stop.set()
-        proc.join(QUEUE_TIMEOUT_S)
-        return
+    while sent < wire_mib << 20:
+        peer.sendall(chunk)
+        sent += len(chunk)
     rss1, heap1, received = sample()
     peer.close()
     rss2, heap2, _ = sample()

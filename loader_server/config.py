@@ -15,6 +15,9 @@ from typing import Any
 from client.paths import check_name, default_endpoint
 
 SAMPLING_MODES = ("shuffle", "replacement")
+# A client sends tens of KB/s at the most (ACKs, PINGs; its HELLO fits the guard's burst): below
+# this, a busy client could be cut.
+MIN_INBOUND_BYTES_PER_S = 64 * 1024
 ON_ERROR_MODES = ("raise", "skip")
 
 
@@ -59,6 +62,7 @@ class Config:
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None
     max_connections: int | None = None  # None: min(4096, fd limit // 4), set at server start
+    max_inbound_bytes_per_s: int = 1 << 20
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -71,6 +75,7 @@ class Config:
             raise ConfigError(f"worker_nice must be at most 19 (the lowest priority), got {self.worker_nice!r}")
         if self.max_connections is not None:
             _check_int("max_connections", self.max_connections, 1)
+        _check_int("max_inbound_bytes_per_s", self.max_inbound_bytes_per_s, MIN_INBOUND_BYTES_PER_S)
         _check_number("heartbeat_s", self.heartbeat_s, 0.0)
         _check_number("task_timeout_s", self.task_timeout_s, 0.0)
         _check_int("max_clients", self.max_clients, 1)

@@ -1,4 +1,4 @@
-"""Bound the number of peer connections the frontend holds.
+"""Bound the connections the frontend holds, and the bytes each TCP connection sends it.
 
 libzmq has no per-socket connection cap: its I/O thread accepts every
 connection that reaches the listener and keeps an fd open for each. Enough idle
@@ -15,6 +15,28 @@ stays exact as long as the broker keeps draining it. Over ipc or TCP
 alike, a peer that keeps reconnecting gets accepted and dropped again; the
 listen backlog and the refusal log bound what that costs.
 
+libzmq bounds each frame (``ZMQ_MAXMSGSIZE``) but not the number of frames of a
+multipart message that never ends: it holds them all (a 1-byte frame costs a
+64-byte ``msg_t``) until the message completes or the connection goes, when
+``pipe_t::rollback`` frees them. A ringfeed client sends the server little (a
+HELLO once, then ACKs and PINGs: tens of KB/s at the most), so the guard gives
+each TCP connection a byte budget, a token bucket of ``max_inbound_bytes_per_s``
+refilled per second and holding at most ``INBOUND_BURST_BYTES`` (a HELLO at its
+largest, twice over). From housekeeping it reads every TCP connection's
+``tcpi_bytes_received`` (the kernel's count of payload bytes received, through a
+dup of the fd) and ends the connections that overdrew their bucket, as above.
+
+What that does not bound:
+
+- Between two checks a peer sends at whatever rate libzmq ingests: the memory it
+  can make the server hold is that rate times the time to the next check (a
+  housekeeping tick, 0.1 s, or longer when the check is costly; see
+  ``INBOUND_CHECK_SHARE``), at 21x its wire bytes for 1-byte frames.
+- A peer that stays under the budget is never ended, so its unfinished message
+  grows at up to the budget (21x that in memory) for as long as it stays connected.
+- The budget is per connection: ``max_connections`` connections multiply both.
+- ipc connections are not checked: only the owner of the socket file can connect.
+
 Raising ``RLIMIT_NOFILE``'s soft limit to the hard limit at start, and a
 default cap well below it, leave room for everything else the server opens.
 """
@@ -25,10 +47,16 @@ import logging
 import os
 import resource
 import socket
+import struct
 import time
+from dataclasses import dataclass
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
+
+from client.protocol import MAX_JSON_BYTES
+
+from .ratelimit import LogLimiter
 
 log = logging.getLogger("ringfeed.connections")
 
@@ -39,6 +67,13 @@ REFUSAL_LOG_EVERY_S = 10.0
 _OPENED = zmq.EVENT_ACCEPTED
 _ENDED = zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+INBOUND_BURST_BYTES = 2 * MAX_JSON_BYTES  # a HELLO at its largest, with its handshake, twice over
+INBOUND_CHECK_SHARE = 20  # the inbound check waits 20x its own duration: <= 5% of the broker's time
+# struct tcp_info (linux/tcp.h): tcpi_bytes_received is the u64 after 8 u8, 24 u32 and the
+# u64s tcpi_pacing_rate, tcpi_max_pacing_rate and tcpi_bytes_acked (Linux >= 4.1).
+_TCP_INFO_BYTES = 232  # the header's full struct as of Linux 5.x; newer kernels' longer one is cut here
+_BYTES_RECEIVED = struct.Struct("=Q")
+_BYTES_RECEIVED_OFFSET = 128
 
 
 def raise_fd_limit() -> int:
@@ -108,17 +143,53 @@ def end_connection(fd: int, endpoint: str) -> bool:
     return True
 
 
+class TcpInfoTooShort(RuntimeError):
+    """The kernel's tcp_info ends before tcpi_bytes_received (Linux < 4.1)."""
+
+
+def bytes_received(fd: int) -> int | None:
+    """``tcpi_bytes_received`` of the TCP socket on libzmq's ``fd``, read through a dup; None if
+    ``fd`` is no longer a TCP socket (closed, or its number reused)."""
+    try:
+        dup = os.dup(fd)
+    except OSError:  # already closed by libzmq
+        return None
+    # The family only names the object: getsockopt acts on the fd whatever it is.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=dup) as sock:
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+        except OSError:  # not a TCP socket: the number was reused
+            return None
+    if len(info) < _BYTES_RECEIVED_OFFSET + _BYTES_RECEIVED.size:
+        raise TcpInfoTooShort(f"the kernel's tcp_info has {len(info)} bytes; tcpi_bytes_received needs "
+                              f"{_BYTES_RECEIVED_OFFSET + _BYTES_RECEIVED.size} (Linux >= 4.1)")
+    return _BYTES_RECEIVED.unpack_from(info, _BYTES_RECEIVED_OFFSET)[0]
+
+
+@dataclass(slots=True)
+class _Inbound:
+    """A TCP connection's byte budget: what it had sent at the last check, and what it may still send."""
+    endpoint: str
+    received: int = 0  # counted from the connection's start, so bytes sent before the accept count
+    tokens: float = INBOUND_BURST_BYTES
+
+
 class ConnectionGuard:
-    """Counts the frontend's connections and ends those past ``max_connections``.
+    """Counts the frontend's connections and ends those past ``max_connections``, and the TCP
+    connections that send more than ``max_inbound_bytes_per_s`` (ipc ones are not checked: only
+    the owner of the socket file can connect there).
 
     ``handle`` is the monitor's readable-handler (the broker's ``watched``); ``report_refusals``
-    runs as broker housekeeping.
+    and ``check_inbound`` run as broker housekeeping.
     """
 
-    def __init__(self, frontend: zmq.Socket, max_connections: int):
-        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
-            raise ValueError(f"max_connections must be an integer >= 1, got {max_connections!r}")
+    def __init__(self, frontend: zmq.Socket, max_connections: int, max_inbound_bytes_per_s: int):
+        for option, value in (("max_connections", max_connections),
+                              ("max_inbound_bytes_per_s", max_inbound_bytes_per_s)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
         self.max_connections = max_connections
+        self.max_inbound_bytes_per_s = max_inbound_bytes_per_s
         self._frontend = frontend
         self.monitor = frontend.get_monitor_socket(_OPENED | _ENDED)
         self._open: set[int] = set()
@@ -126,13 +197,19 @@ class ConnectionGuard:
         self.refused = 0
         self._unreported = 0
         self._last_report = float("-inf")
+        self._inbound: dict[int, _Inbound] | None = {}  # TCP fd -> its budget; None: not checked
+        self._last_inbound_check = time.monotonic()
+        self._next_inbound_check = self._last_inbound_check
+        self.overdrawn = 0
+        self._overdrawn_log = LogLimiter(log, REFUSAL_LOG_EVERY_S)
 
     @property
     def open(self) -> int:
         return len(self._open)
 
     def counters(self) -> dict:
-        return {"open": self.open, "refused": self.refused, "max": self.max_connections}
+        return {"open": self.open, "refused": self.refused, "max": self.max_connections,
+                "overdrawn": self.overdrawn}
 
     def handle(self) -> None:
         """Apply the queued monitor events in order, then end the connections past the cap.
@@ -153,13 +230,17 @@ class ConnectionGuard:
             elif event["event"] & _ENDED:
                 self._open.discard(fd)
                 self._doomed.pop(fd, None)
+                if self._inbound is not None:
+                    self._inbound.pop(fd, None)
         return False
 
     def _on_accepted(self, fd: int, endpoint: str) -> None:
-        if len(self._open) < self.max_connections:
-            self._open.add(fd)
-        else:
+        if len(self._open) >= self.max_connections:
             self._doomed[fd] = endpoint
+            return
+        self._open.add(fd)
+        if self._inbound is not None and endpoint.startswith("tcp://"):
+            self._inbound[fd] = _Inbound(endpoint)
 
     def _end_doomed(self) -> None:
         doomed, self._doomed = self._doomed, {}
@@ -167,6 +248,43 @@ class ConnectionGuard:
             if end_connection(fd, endpoint):
                 self.refused += 1
                 self._unreported += 1
+
+    def check_inbound(self) -> None:
+        """End the TCP connections that sent more than their budget since the last check.
+
+        Runs only once the monitor queue is empty, so that every fd checked is still the
+        connection it was accepted as, and then again after ``INBOUND_CHECK_SHARE`` times
+        its own duration."""
+        started = time.monotonic()
+        if self._inbound is None or started < self._next_inbound_check or not self._apply_events():
+            return
+        self._end_doomed()
+        refill = self.max_inbound_bytes_per_s * (started - self._last_inbound_check)
+        self._last_inbound_check = started
+        try:
+            for fd, budget in list(self._inbound.items()):
+                self._charge(fd, budget, refill)
+        except TcpInfoTooShort as exc:
+            log.warning("not checking the bytes TCP connections send (max_inbound_bytes_per_s): %s", exc)
+            self._inbound = None
+            return
+        self._next_inbound_check = started + INBOUND_CHECK_SHARE * (time.monotonic() - started)
+
+    def _charge(self, fd: int, budget: _Inbound, refill: float) -> None:
+        received = bytes_received(fd)
+        if received is None:  # gone; its end event is on its way
+            return
+        sent, budget.received = received - budget.received, received
+        budget.tokens = min(INBOUND_BURST_BYTES, budget.tokens + refill) - sent
+        if budget.tokens >= 0:
+            return
+        del self._inbound[fd]
+        if end_connection(fd, budget.endpoint):
+            self.overdrawn += 1
+            self._overdrawn_log.log(
+                logging.WARNING, "ended a TCP connection on %s: it sent %d bytes since the last check, "
+                "over max_inbound_bytes_per_s=%d with a burst of %d bytes (%d ended in all)",
+                budget.endpoint, sent, self.max_inbound_bytes_per_s, INBOUND_BURST_BYTES, self.overdrawn)
 
     def report_refusals(self) -> None:
         """Log the refusals since the last report, at most once per ``REFUSAL_LOG_EVERY_S``."""

@@ -45,6 +45,7 @@ import numpy as np
 import zmq
 
 from client.paths import ensure_runtime_dir, state_file
+from client.protocol import MAX_JSON_BYTES
 
 from . import background, shm, sources
 from .broker import Broker
@@ -60,6 +61,9 @@ from .worker import WorkerSpec
 log = logging.getLogger("ringfeed.service")
 
 STOP_TIMEOUT_S = 15.0
+# The largest frame a client sends is a HELLO's JSON (MAX_JSON_BYTES; an ACK is at most
+# 4 * (1 + MAX_RELEASES_PER_ACK) bytes); the rest covers CURVE's per-frame framing, many times over.
+MAX_CLIENT_FRAME_BYTES = MAX_JSON_BYTES + 64 * 1024
 
 
 class ServiceFailed(RuntimeError):
@@ -187,10 +191,11 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
         }
         frontend = ctx.socket(zmq.ROUTER)
         frontend.setsockopt(zmq.LINGER, 0)
-        frontend.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        frontend.setsockopt(zmq.MAXMSGSIZE, MAX_CLIENT_FRAME_BYTES)
         frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        guard = ConnectionGuard(frontend, config.max_connections or default_max_connections(fd_limit))
-        housekeeping = [guard.report_refusals]
+        guard = ConnectionGuard(frontend, config.max_connections or default_max_connections(fd_limit),
+                                config.max_inbound_bytes_per_s)
+        housekeeping = [guard.report_refusals, guard.check_inbound]
         if config.curve_secret_key:
             authenticator, keys = secure_frontend(ctx, frontend, config.curve_secret_key,
                                                   config.curve_authorized_keys)

@@ -1,12 +1,15 @@
 """Connection floods against a real server: the frontend holds at most ``max_connections``."""
 
+import importlib.util
 import os
+import select
 import selectors
 import signal
 import socket
 import threading
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +20,8 @@ from client import Feed, protocol
 from client.paths import pid_namespace
 from client.status import query_status
 from loader_server import Config, ConfigError, Service
-from loader_server.connections import default_max_connections, end_connection
+from loader_server.config import MIN_INBOUND_BYTES_PER_S
+from loader_server.connections import ConnectionGuard, default_max_connections, end_connection
 
 CAP = 50
 FLOOD = 200
@@ -25,9 +29,9 @@ SETTLE_S = 5.0  # how long the server may take to end or drop connections
 POLL_S = 0.05
 
 
-def _service(name: str, images: np.ndarray) -> Service:
+def _service(name: str, images: np.ndarray, **options) -> Service:
     config = Config(batch_size=8, workers=1, name=name, endpoint=f"tcp://127.0.0.1:{free_port()}",
-                    max_connections=CAP)
+                    max_connections=CAP, **options)
     return Service(config, features=images, labels=np.arange(len(images)))
 
 
@@ -208,3 +212,112 @@ def test_a_feed_keeps_half_its_rate_under_a_flood_of_2000_clients(name):
             stop.set()
             flooder.join(60)
     assert flooded >= 0.5 * alone, f"{flooded:.0f} batches/s under the flood against {alone:.0f} alone"
+
+
+def _load_probe():
+    """benchmarks/pending_message_probe.py, whose raw ZMTP peer these tests reuse."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "pending_message_probe.py"
+    spec = importlib.util.spec_from_file_location("pending_message_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PROBE = _load_probe()
+ENDLESS_FRAME_BYTES = 64 * 1024  # under the frontend's frame limit: only the byte budget stops it
+ENDLESS_BYTES = 512 << 20
+# What a peer makes the server hold before the cut is its rate times the time to the next check
+# (~0.1 s). At full speed that rate is the machine's (here 200-600 MiB/s); paced at 128x the
+# default budget, the bound below holds on any machine.
+ENDLESS_PACE_BYTES_PER_S = 128 << 20
+CUT_TIMEOUT_S = 5.0  # how long the server may take to end a peer over its budget
+MAX_RSS_GROWTH_MIB = 64
+QUIET_FEED_S = 4.0
+
+
+def _vm_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def _ended(peer: socket.socket) -> bool:
+    """Whether the readable ``peer`` was ended: past the handshake, the server sends it nothing else."""
+    try:
+        return peer.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _stream_endless_message(port: int, pace_bytes_per_s: float | None = None,
+                            on_send=None) -> tuple[int, float | None]:
+    """Stream frames that all carry MORE, after the ZMTP handshake, at ``pace_bytes_per_s`` (None:
+    full speed), until the server ends the connection, ``ENDLESS_BYTES`` are sent or
+    ``CUT_TIMEOUT_S`` passes. Returns (bytes sent, seconds until the server ended it, or None).
+    ``on_send`` runs after each send (to drive a guard).
+
+    The end is seen as EOF as well as a failed send: a server that closes with nothing left
+    unread sends no reset, and its zero window can hold a blocking send for a minute."""
+    frame = PROBE.more_frame(ENDLESS_FRAME_BYTES)
+    chunk = memoryview(frame * ((1 << 20) // len(frame)))
+    started, sent = time.monotonic(), 0
+    with PROBE.zmtp_peer(port) as peer:
+        peer.setblocking(False)
+        while sent < ENDLESS_BYTES and (left := started + CUT_TIMEOUT_S - time.monotonic()) > 0:
+            due = 0.0 if pace_bytes_per_s is None else started + sent / pace_bytes_per_s - time.monotonic()
+            readable, writable, _ = select.select([peer], [] if due > 0 else [peer], [], min(left, POLL_S))
+            if readable and _ended(peer):
+                return sent, time.monotonic() - started
+            if writable:
+                try:
+                    sent += peer.send(chunk[sent % len(chunk):])
+                except (BrokenPipeError, ConnectionResetError):
+                    return sent, time.monotonic() - started
+                if on_send is not None:
+                    on_send()
+    return sent, None
+
+
+def test_guard_ends_a_tcp_connection_over_its_inbound_budget():
+    ctx = zmq.Context.instance()
+    with ctx.socket(zmq.ROUTER) as frontend:
+        frontend.linger = 0
+        port = frontend.bind_to_random_port("tcp://127.0.0.1")
+        guard = ConnectionGuard(frontend, CAP, Config().max_inbound_bytes_per_s)
+
+        def drive():
+            guard.handle()
+            guard.check_inbound()
+
+        try:
+            sent, cut_after = _stream_endless_message(port, on_send=drive)
+            assert cut_after is not None, f"sent {sent} bytes and was not ended"
+            assert guard.overdrawn == 1
+            deadline = time.monotonic() + SETTLE_S
+            while guard.open and time.monotonic() < deadline:  # until its end event comes
+                guard.monitor.poll(POLL_S * 1000)
+                guard.handle()
+            assert guard.open == 0
+        finally:
+            guard.close()
+
+
+def test_an_endless_message_over_tcp_is_cut_and_the_server_stays_bounded(name):
+    images = rgb_images(256, 16)
+    with _service(name, images) as svc:
+        before = _vm_kib(svc.pid, "VmRSS")
+        sent, cut_after = _stream_endless_message(_port(svc.endpoint), ENDLESS_PACE_BYTES_PER_S)
+        assert cut_after is not None, f"sent {sent} bytes in {CUT_TIMEOUT_S} s and was not ended"
+        peak = (_vm_kib(svc.pid, "VmHWM") - before) / 1024
+        assert peak < MAX_RSS_GROWTH_MIB, f"peak RSS grew {peak:.0f} MiB while {sent >> 20} MiB were sent"
+        with Feed(svc.endpoint) as feed:
+            assert len(take(feed, 6)) == 6
+
+
+def test_a_feed_over_tcp_is_never_cut_even_at_the_lowest_budget(name):
+    images = rgb_images(256, 16)
+    with _service(name, images, max_inbound_bytes_per_s=MIN_INBOUND_BYTES_PER_S) as svc, \
+            Feed(svc.endpoint) as feed:
+        stream, end = feed.generator(), time.monotonic() + QUIET_FEED_S
+        while time.monotonic() < end:
+            next(stream)
+        assert feed.stats["reconnects"] == 0
