@@ -57,7 +57,8 @@ from .streams import ClientState, Job
 log = logging.getLogger("ringfeed.broker")
 
 TICK_S = 0.1
-TRANSIT_POLL_S = 0.0005
+TRANSIT_POLL_S = 0.0005  # the first look at frames on the wire; each look that frees nothing waits twice as long,
+TRANSIT_POLL_MAX_S = 0.008  # up to this: a large batch takes milliseconds to send, and each wake costs CPU
 WORKER_INFLIGHT = 16  # a feed's default credit: one worker alone can hold all of it
 RATE_WINDOW_S = 5.0
 CLIENT_TIMEOUT_FACTOR = 1.5
@@ -117,6 +118,7 @@ class Broker:
         self.pending_delivery: set[bytes] = set()  # clients with batches that became ready this pass
         self.free_mailboxes = deque(range(len(ring.mailboxes)))
         self.in_transit: list = []  # (zmq MessageTracker, slot) of batches sent as frames
+        self.transit_poll_s = TRANSIT_POLL_S
         self.leased = 0  # shm slots in client hands
         self.served = 0
         self.skipped = 0
@@ -143,7 +145,7 @@ class Broker:
         next_housekeeping = 0.0
         while not should_stop() and not self._failed_long_enough():
             # Trackers have no fd: while batches are on the wire, look at them often.
-            events = dict(poller.poll(TRANSIT_POLL_S * 1000 if self.in_transit else TICK_S * 1000))
+            events = dict(poller.poll(self.transit_poll_s * 1000 if self.in_transit else TICK_S * 1000))
             for fd, wid in list(links.items()):
                 if fd in events and not self._drain_worker(wid):
                     poller.unregister(fd)  # at its end for good; the worker's sentinel reports its exit
@@ -649,6 +651,8 @@ class Broker:
                 self._free(slot_id)
             else:
                 still.append((tracker, slot_id))
+        freed = len(still) < len(self.in_transit)
+        self.transit_poll_s = TRANSIT_POLL_S if freed else min(2 * self.transit_poll_s, TRANSIT_POLL_MAX_S)
         self.in_transit = still
 
     def _free(self, slot_id: int) -> None:
