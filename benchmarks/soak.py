@@ -118,12 +118,12 @@ class Verifier:
         from loader_server.sources import publish
 
         self.segment = shm.segment_name(os.getpid(), secrets.token_hex(4), "data")
-        self.maker = BatchMaker(config, publish(features, labels, self.segment))
+        self.maker = BatchMaker(config, publish({"features": features, "labels": labels}, self.segment))
         self.labels = labels
         self.n = len(labels)
         self.steps = self.maker.sampler.steps_per_epoch
-        self.x = np.empty((config.batch_size, *self.maker.pipeline.out_shape), self.maker.pipeline.out_dtype)
-        self.y = np.empty((config.batch_size, *labels.shape[1:]), labels.dtype)
+        self.expected = self.maker.empty_batch()
+        self.x = self.expected["features"]
         self.counts = np.zeros(self.n, np.int32)
         self.epoch_start = time.monotonic()
         self.epoch_batches = 0
@@ -163,7 +163,7 @@ class Verifier:
             self._record("labels", seq, epoch, index, got=np.asarray(y).ravel()[:8].tolist(),
                          expected=expected_y.ravel()[:8].tolist())
         if check_x:
-            self.maker.make(epoch, index, self.x, self.y)
+            self.maker.make(epoch, index, self.expected)
             self.totals["x_checked"] += 1
             self.epoch_checked += 1
             same = (x.shape == self.x.shape and x.dtype == self.x.dtype

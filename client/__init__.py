@@ -5,6 +5,6 @@ PyTorch only for ``torch_generator()`` and ``pin_memory``.
 """
 
 from .errors import PinMemoryError, RemoteWorkerError, RingfeedError, ServerGoneError
-from .feed import Feed, FeedSpec
+from .feed import Feed, FeedSpec, FieldSpec
 
-__all__ = ["Feed", "FeedSpec", "PinMemoryError", "RemoteWorkerError", "RingfeedError", "ServerGoneError"]
+__all__ = ["Feed", "FeedSpec", "FieldSpec", "PinMemoryError", "RemoteWorkerError", "RingfeedError", "ServerGoneError"]

@@ -51,6 +51,7 @@ from .errors import PinMemoryError, RemoteWorkerError, RingfeedError, ServerGone
 from .leases import RingMapping, copy_arrays, frame_arrays, lease_arrays
 from .paths import check_name, default_endpoint, pid_namespace, runtime_dir, trusted_runtime_dir
 from .security import client_curve_options
+from .structure import Structure
 
 POLL_S = 0.02
 PEEKED_BATCHES = 2
@@ -74,33 +75,55 @@ def _local_endpoint(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class FieldSpec:
+    """One field of every sample: its batches are arrays of ``(batch_size, *shape)``."""
+
+    name: str
+    shape: tuple[int, ...]  # of one sample
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
 class FeedSpec:
+    """What a stream serves, as WELCOME states it: ``fields`` in slot order, put together as
+    ``structure`` says into each ``(x, y)`` or ``(x, y, w)``."""
+
     batch_size: int
     steps_per_epoch: int
-    x_shape: tuple
-    x_dtype: np.dtype
-    y_shape: tuple
-    y_dtype: np.dtype
     samples: int
+    fields: tuple[FieldSpec, ...]
+    structure: Structure
+
+    def field(self, name: str) -> FieldSpec:
+        for field in self.fields:
+            if field.name == name:
+                return field
+        raise KeyError(f"no field {name!r}; the fields are {[field.name for field in self.fields]}")
+
+
+def _feed_spec(welcome: protocol.WelcomeMsg) -> FeedSpec:
+    fields = tuple(FieldSpec(field.name, field.shape[1:], np.dtype(field.dtype)) for field in welcome.layout.fields)
+    return FeedSpec(welcome.batch_size, welcome.steps_per_epoch, welcome.samples, fields, welcome.structure)
 
 
 class BatchStream:
     """What every feed builds on its own ``next_batch`` and ``close``: a generator, tf.data, ``with``."""
 
     def generator(self):
-        """An infinite generator of ``(x, y)`` batches, for ``model.fit``. Its first
-        ``PEEKED_BATCHES`` are copies: Keras keeps the first batches of a generator even after
-        the fit ends (Keras 3.15), and a lent batch would hold its ring slot for as long."""
+        """An infinite generator of batches, ``(x, y)`` or ``(x, y, w)`` as ``spec.structure``
+        says, for ``model.fit``. Its first ``PEEKED_BATCHES`` are copies: Keras keeps the first
+        batches of a generator even after the fit ends (Keras 3.15), and a lent batch would hold
+        its ring slot for as long."""
         for _ in range(PEEKED_BATCHES):
             yield self.next_batch(copy=True)
         while True:
             yield self.next_batch()
 
     def torch_generator(self):
-        """``generator()`` with each batch as CPU torch tensors over the same memory
-        (``torch.from_numpy``, no copy). Keras on the torch backend copies every numpy input
-        (``np.array``) before it sends it to the device; a tensor goes to the device as it is,
-        and from a ``pin_memory`` feed's ring at page-locked speed.
+        """``generator()`` with each array of a batch as a CPU torch tensor over the same memory
+        (``torch.from_numpy``, no copy), in the same structure. Keras on the torch backend
+        copies every numpy input (``np.array``) before it sends it to the device; a tensor goes
+        to the device as it is, and from a ``pin_memory`` feed's ring at page-locked speed.
 
         A slot goes back to the ring when its tensors die, but an asynchronous copy from
         page-locked memory (``x.to("cuda", non_blocking=True)``) may still be reading it then.
@@ -109,13 +132,13 @@ class BatchStream:
         on that stream are safe. Keras copies with blocking copies."""
         import torch
 
-        batches = self.generator()
+        batches, structure = self.generator(), self.spec.structure
         if not self.pin_memory:
             while True:  # no local may hold the last batch's arrays while this generator waits
-                yield tuple(torch.from_numpy(a) for a in next(batches))
+                yield structure.map(torch.from_numpy, next(batches))
         copying: deque = deque()  # (batch, event) that a queued copy may still be reading
         while True:
-            batch = tuple(torch.from_numpy(a) for a in next(batches))
+            batch = structure.map(torch.from_numpy, next(batches))
             yield batch
             event = torch.cuda.Event()
             event.record()  # after whatever the caller queued on its stream for this batch
@@ -206,8 +229,10 @@ class Feed(BatchStream):
         epoch, k = divmod(self._next, self.steps_per_epoch)
         return epoch, self.shard[0] + k * self.shard[1]
 
-    def next_batch(self, copy: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """The next ``(x, y)``; with ``copy``, arrays of their own rather than lent ring memory."""
+    def next_batch(self, copy: bool = False) -> tuple:
+        """The next batch as ``spec.structure`` puts it together: ``(x, y)`` or ``(x, y, w)``,
+        each an array or a dict of arrays by field name; with ``copy``, arrays of their own
+        rather than lent ring memory."""
         if self._closed:
             raise RingfeedError("this Feed is closed")
         with self._lock:
@@ -231,17 +256,17 @@ class Feed(BatchStream):
                 raise msg
             self.last_batch = (msg.epoch, msg.index)
             if data is not None:
-                batch = frame_arrays(self._layout, *data)
+                arrays = frame_arrays(self._layout, data)
             elif msg.flags & protocol.FLAG_COPY or self.copy or copy:
-                batch = copy_arrays(self._mapping, msg.slot)
+                arrays = copy_arrays(self._mapping, msg.slot)
                 self._released.append(msg.slot)
             else:
-                batch = lease_arrays(self._mapping, msg.slot, self._released)
+                arrays = lease_arrays(self._mapping, msg.slot, self._released)
                 self._lent.add(msg.slot)
             self._credit_owed += 1
             self._next += 1
             self.stats["batches"] += 1
-            return batch
+            return self.spec.structure.assemble(arrays)
 
     def close(self) -> None:
         """Leave the stream. Arrays already handed out stay valid: their slots are returned
@@ -316,9 +341,7 @@ class Feed(BatchStream):
 
     def _welcome(self, welcome: protocol.WelcomeMsg) -> str:
         """Take in a checked WELCOME; return the mode this feed asks for."""
-        layout = welcome.layout
-        spec = FeedSpec(welcome.batch_size, welcome.steps_per_epoch, layout.x_shape[1:],
-                        np.dtype(layout.x_dtype), layout.y_shape[1:], np.dtype(layout.y_dtype), welcome.samples)
+        layout, spec = welcome.layout, _feed_spec(welcome)
         if self.spec is not None and spec != self.spec:
             self._failure = RingfeedError(f"the server at {self.endpoint} came back with a different "
                                           f"stream: {spec} instead of {self.spec}")
@@ -458,11 +481,11 @@ class Feed(BatchStream):
                 else:
                     self._inbox.append((msg, None))
         elif command == protocol.BATCH:
-            msg = protocol.parse_batch(frames)
+            msg = protocol.parse_batch(frames, len(self._layout.fields))
             if self._mapping is not None:
                 raise protocol.ProtocolError("BATCH (bytes) sent to a feed in shm mode")
             if not self._closed:
-                self._inbox.append((msg, (frames[2], frames[3])))
+                self._inbox.append((msg, frames[2:]))
         elif command == protocol.ERROR:
             details = protocol.parse_error(frames)
             if details["kind"] == protocol.EXPIRED:

@@ -131,9 +131,10 @@ class RingLayout:
                                   f"in slot_bytes {self.slot_bytes}")
             spans.append((field.offset, end, field.name))
         spans = sorted(span for span in spans if span[0] < span[1])
-        for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
-            if start < end:
-                raise LayoutError(f"fields {name!r} and {other!r} overlap in the slot")
+        for (start, end, name), (other_start, other_end, other) in zip(spans, spans[1:]):
+            if other_start < end:
+                raise LayoutError(f"fields {name!r} [{start}, {end}) and {other!r} [{other_start}, "
+                                  f"{other_end}) overlap in the slot")
         from .mailbox import mailbox_bytes  # here: client/mailbox.py imports protocol, which imports this
 
         mailboxes_end = self.mailbox_offset + self.mailboxes * mailbox_bytes(self.mailbox_capacity)
@@ -189,38 +190,47 @@ def _fields(obj: dict, batch_size: int) -> tuple[FieldLayout, ...]:
     items = _value(obj, "fields", list)
     if not 1 <= len(items) <= MAX_FIELDS:
         raise LayoutError(f"field 'fields' must list 1 to {MAX_FIELDS} fields, got {len(items)}")
-    fields, seen = [], set()
+    fields: list[FieldLayout] = []
     for position, item in enumerate(items):
         where = f"fields[{position}]"
         if not isinstance(item, dict) or set(item) != {"name", "offset", "shape", "dtype"}:
             raise LayoutError(f"{where} must be an object with exactly name, offset, shape and dtype, "
                               f"got {item!r:.120}")
-        name = _value(item, "name", str)
-        if not FIELD_NAME.fullmatch(name) or name in seen:
-            raise LayoutError(f"{where}: name must be a unique identifier of at most 64 characters, "
-                              f"got {name!r:.80}")
-        seen.add(name)
-        fields.append(FieldLayout(name, _aligned(item, "offset", 0), _shape(item, where, batch_size),
-                                  _dtype(item, where)))
+        name = _name(item, where, fields)
+        try:
+            fields.append(FieldLayout(name, _aligned(item, "offset", 0), _shape(item, batch_size), _dtype(item)))
+        except LayoutError as exc:  # say which of the fields it is
+            raise LayoutError(f"{where} ({name!r}): {exc}") from None
     return tuple(fields)
 
 
-def _shape(item: dict, where: str, batch_size: int) -> tuple[int, ...]:
+def _name(item: dict, where: str, before: list[FieldLayout]) -> str:
+    try:
+        name = _value(item, "name", str)
+    except LayoutError as exc:
+        raise LayoutError(f"{where}: {exc}") from None
+    if not FIELD_NAME.fullmatch(name):
+        raise LayoutError(f"{where}: field 'name' must be an identifier of at most 64 characters "
+                          f"(letters, digits, '_'), got {name!r:.80}")
+    if any(field.name == name for field in before):
+        raise LayoutError(f"{where}: field 'name' {name!r} is given to an earlier field too")
+    return name
+
+
+def _shape(item: dict, batch_size: int) -> tuple[int, ...]:
     shape = _value(item, "shape", list)
     if (not 1 <= len(shape) <= MAX_NDIM
             or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_SEGMENT_BYTES
                        for n in shape)):
-        raise LayoutError(f"{where} ({item.get('name')!r:.40}): shape must be 1 to {MAX_NDIM} "
-                          f"non-negative ints, got {shape!r:.80}")
+        raise LayoutError(f"field 'shape' must be 1 to {MAX_NDIM} non-negative ints, got {shape!r:.80}")
     if shape[0] != batch_size:
-        raise LayoutError(f"{where} ({item.get('name')!r:.40}): shape must start with batch_size "
-                          f"{batch_size}, got {shape!r:.80}")
+        raise LayoutError(f"field 'shape' must start with batch_size {batch_size}, got {shape!r:.80}")
     return tuple(shape)
 
 
-def _dtype(item: dict, where: str) -> str:
+def _dtype(item: dict) -> str:
     dtype = _value(item, "dtype", str)
     if dtype not in DTYPE_SIZES:
-        raise LayoutError(f"{where} ({item.get('name')!r:.40}): dtype must be a bool, int, uint, float "
-                          f"or complex dtype as numpy spells it ('<f4', '|u1', ...), got {dtype!r:.40}")
+        raise LayoutError(f"field 'dtype' must be a bool, int, uint, float or complex dtype as numpy "
+                          f"spells it ('<f4', '|u1', ...), got {dtype!r:.40}")
     return dtype

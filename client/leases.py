@@ -1,12 +1,13 @@
 """Zero-copy numpy views of ring slots that give the slot back when they die.
 
-Each delivered batch becomes a ``_Lease``; ``x`` and ``y`` are numpy arrays
-built through ``__array_interface__`` objects that hold the lease, so every
-array, view or TensorFlow tensor aliasing them keeps the lease alive. When the
-last one is gone, ``weakref.finalize`` puts the slot on a queue, which the
-socket owner drains (finalizers may run on any thread; sockets are not
-thread-safe). The mapping itself is only unmapped by garbage collection after
-the last view: closing the feed never invalidates an array it handed out.
+Each delivered batch becomes one ``_Lease``; the array of each of its fields
+is a numpy array built through an ``__array_interface__`` object that holds the
+lease, so every array, view or TensorFlow tensor aliasing any of them keeps the
+lease alive. When the last of them all is gone, ``weakref.finalize`` puts the
+slot on a queue, which the socket owner drains (finalizers may run on any
+thread; sockets are not thread-safe). The mapping itself is only unmapped by
+garbage collection after the last view: closing the feed never invalidates an
+array it handed out.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from collections import deque
 
 import numpy as np
 
+from .layout import TOKEN_BYTES, RingLayout
 from .paths import SEGMENT_NAME, SHM_DIR
-from .protocol import PROOF_BYTES, PROOF_OFFSET, TOKEN_BYTES, RingLayout
+from .protocol import PROOF_BYTES, PROOF_OFFSET, ProtocolError
 
 # O_NOFOLLOW: a symlink planted under a ring's name is refused, never followed to its target;
 # O_NONBLOCK: a FIFO planted there does not hang the open.
@@ -72,8 +74,7 @@ class RingMapping:
         self.base = np.frombuffer(self.mmap, np.uint8)
         self.address, self.nbytes = self.base.ctypes.data, self.base.nbytes
         self.layout = layout
-        self.x_dtype, self.y_dtype = np.dtype(layout.x_dtype), np.dtype(layout.y_dtype)
-        self.x_shape, self.y_shape = layout.x_shape, layout.y_shape
+        self.dtypes = tuple(np.dtype(field.dtype) for field in layout.fields)  # of layout.fields, once
 
     def proof(self) -> bytes:
         """What MODE sends to show the server that this client maps its ring."""
@@ -102,33 +103,33 @@ class _SlotArray:
                                     "version": 3}
 
 
-def lease_arrays(mapping: RingMapping, slot: int, released: deque) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) aliasing ``slot``; ``slot`` is appended to ``released`` once both are gone."""
+def lease_arrays(mapping: RingMapping, slot: int, released: deque) -> dict[str, np.ndarray]:
+    """Every field's array, aliasing ``slot``; ``slot`` is appended to ``released`` once all are gone."""
     lease = _Lease(mapping)
     weakref.finalize(lease, released.append, slot)
-    layout = mapping.layout
-    start = mapping.address + layout.header + slot * layout.slot_bytes
-    x = np.asarray(_SlotArray(lease, start + layout.x_offset, mapping.x_shape, mapping.x_dtype))
-    y = np.asarray(_SlotArray(lease, start + layout.y_offset, mapping.y_shape, mapping.y_dtype))
-    return x, y
+    start = mapping.address + mapping.layout.slot_start(slot)
+    return {field.name: np.asarray(_SlotArray(lease, start + field.offset, field.shape, dtype))
+            for field, dtype in zip(mapping.layout.fields, mapping.dtypes)}
 
 
-def copy_arrays(mapping: RingMapping, slot: int) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) copied out of ``slot``, so the slot can be released at once."""
-    layout = mapping.layout
-    start = layout.header + slot * layout.slot_bytes
-    return (mapping.view(start + layout.x_offset, mapping.x_shape, mapping.x_dtype).copy(),
-            mapping.view(start + layout.y_offset, mapping.y_shape, mapping.y_dtype).copy())
+def copy_arrays(mapping: RingMapping, slot: int) -> dict[str, np.ndarray]:
+    """Every field's array, copied out of ``slot``, so the slot can be released at once."""
+    start = mapping.layout.slot_start(slot)
+    return {field.name: mapping.view(start + field.offset, field.shape, dtype).copy()
+            for field, dtype in zip(mapping.layout.fields, mapping.dtypes)}
 
 
-def frame_arrays(layout: RingLayout, x_frame, y_frame) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) over the received ZeroMQ frames of a batch, without another copy."""
-    arrays = []
-    for frame, shape, dtype in ((x_frame, layout.x_shape, layout.x_dtype),
-                                (y_frame, layout.y_shape, layout.y_dtype)):
-        dtype = np.dtype(dtype)
-        expected = int(np.prod(shape)) * dtype.itemsize
-        if len(frame) != expected:
-            raise ValueError(f"batch frame of {len(frame)} bytes, expected {expected} for {tuple(shape)} {dtype}")
-        arrays.append(np.frombuffer(frame, dtype).reshape(shape))
-    return arrays[0], arrays[1]
+def frame_arrays(layout: RingLayout, frames) -> dict[str, np.ndarray]:
+    """Every field's array over its received ZeroMQ frame (``frames`` in layout order), without
+    another copy."""
+    if len(frames) != len(layout.fields):
+        raise ProtocolError(f"BATCH: {len(frames)} array frames, expected one for each of the "
+                            f"{len(layout.fields)} fields {list(layout.names)}")
+    arrays = {}
+    for frame, field in zip(frames, layout.fields):
+        dtype = np.dtype(field.dtype)
+        if len(frame) != field.nbytes:
+            raise ProtocolError(f"BATCH: the frame of field {field.name!r} is {len(frame)} bytes, expected "
+                                f"{field.nbytes} for {field.shape} {dtype}")
+        arrays[field.name] = np.frombuffer(frame, dtype).reshape(field.shape)
+    return arrays

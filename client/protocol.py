@@ -9,9 +9,9 @@ evaluated: every parser checks frame count, size and types, and raises
 Client <-> broker (the client's DEALER talks to the broker's ROUTER)::
 
     HELLO  {version, start: [epoch, index], credit, pid, pidns, job?, shard?: [i, n]}
-                                                      -> WELCOME {layout, batch_size, steps_per_epoch,
-                                                                  samples, heartbeat_s, ordered,
-                                                                  server_pid, credit (granted),
+                                                      -> WELCOME {layout, structure, batch_size,
+                                                                  steps_per_epoch, samples, heartbeat_s,
+                                                                  ordered, server_pid, credit (granted),
                                                                   mailbox?: [k, token]}
     MODE   b"frames" | b"shm" <proof> | b"mailbox" <proof>
                                                       (how batches travel; streaming starts. A client
@@ -22,8 +22,9 @@ Client <-> broker (the client's DEALER talks to the broker's ROUTER)::
     PING                                              (liveness, both directions)
     BYE                                               (client leaves; its slots are freed)
     STATUS                                            -> STATUS {counters...}
-    BATCH  <slot:u32 flags:u32 epoch:i64 index:i64 seq:u64> x-bytes y-bytes
-                                                      (broker -> client, "frames" mode)
+    BATCH  <slot:u32 flags:u32 epoch:i64 index:i64 seq:u64> field-bytes+
+                                                      (broker -> client, "frames" mode: one frame
+                                                       per layout field, in layout order)
     BATCHES <slot:u32 flags:u32 epoch:i64 index:i64 seq:u64>+   (broker -> client, "shm" mode:
                                                        every batch that became ready at once)
     WAKE                                              ("mailbox" mode: records are waiting in the
@@ -42,23 +43,35 @@ Worker <-> broker (each worker's own socketpair, see loader_server/channel.py)::
     W_ERROR <slot:u32> {kind, message, traceback, epoch, index, sample}
     STOP
 
+WELCOME's ``layout`` is the ring segment's (``client/layout.py``)::
+
+    {segment, token, header, slots, slot_bytes,
+     fields: [{name, offset, shape: [batch_size, ...], dtype}]+,   (the arrays of a slot)
+     mailboxes, mailbox_offset, mailbox_capacity}
+
+and its ``structure`` says which fields make up what the trainer receives,
+``(x, y)`` or ``(x, y, w)`` (``client/structure.py``)::
+
+    {inputs: name | [name+], targets: name | [name+], sample_weight: name | null}
+
+The structure uses every field of the layout, and only those.
+
 The client trusts a server no more than the server trusts it: ``parse_welcome``
 checks every WELCOME field the client uses (the ring segment's name, its token,
-every offset, size, shape and dtype of the layout, the mailbox and the credit)
-before anything is opened, mapped or written.
+every field's name, offset, shape and dtype, the structure, the mailbox and
+the credit) before anything is opened, mapped or written.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 import struct
 from dataclasses import dataclass
 
-from .paths import SEGMENT_NAME
+from .layout import TOKEN_BYTES, LayoutError, RingLayout
+from .structure import Structure, StructureError
 
-PROTOCOL_VERSION = 3  # 3: MODE carries the ring proof; ERROR "Expired"
+PROTOCOL_VERSION = 4  # 4: a slot holds named fields, WELCOME a structure, BATCH a frame per field
 MAX_JSON_BYTES = 64 * 1024
 MAX_POSITION = 2**31 - 1  # epochs and batch indices; epoch * batches per epoch stays in an i64
 MAX_PID = 2**31 - 1
@@ -68,8 +81,7 @@ HELLO = b"HELLO"
 WELCOME = b"WELCOME"
 MODE = b"MODE"
 MODES = (b"shm", b"frames", b"mailbox")
-TOKEN_BYTES = 16  # the ring segment starts with its token, which WELCOME names
-PROOF_OFFSET, PROOF_BYTES = TOKEN_BYTES, 16  # then a secret that only a mapping can read
+PROOF_OFFSET, PROOF_BYTES = TOKEN_BYTES, 16  # after the ring's token, a secret that only a mapping can read
 MAX_JOB_CHARS = 64
 MAX_SHARDS = 1024
 ACK = b"ACK"
@@ -99,23 +111,10 @@ _SLOT = struct.Struct("<I")
 _DONE = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 
-# WELCOME limits: generous for any real ring, small enough that arithmetic on them stays sane.
-TOKEN_BYTES = 16  # the ring token at the start of the segment (loader_server/ring.py)
-_TOKEN_HEX = re.compile(r"[0-9a-f]{32}")
-ALIGN = 64  # slots and their arrays start on 64-byte boundaries
-MAX_SLOTS = 1 << 16
-MAX_SEGMENT_BYTES = 1 << 46
-MAX_NDIM = 8
+# WELCOME limits (the layout's are in client/layout.py): generous, and arithmetic on them stays sane.
 MAX_BATCH_SIZE = 1 << 24
 MAX_COUNT = 1 << 48  # steps_per_epoch, samples
-MAX_MAILBOXES = 1024
 MAX_HEARTBEAT_S = 3600.0
-MAX_PID = (1 << 31) - 1
-# Plain numeric dtypes, spelled as numpy's ``dtype.str``: nothing with objects, fields or strings.
-DTYPE_SIZES = {f"{order}{kind}{size}": size
-               for kind, sizes in (("b", (1,)), ("i", (1, 2, 4, 8)), ("u", (1, 2, 4, 8)),
-                                   ("f", (2, 4, 8)), ("c", (8, 16)))
-               for size in sizes for order in (("|",) if size == 1 else ("<", ">"))}
 
 
 class ProtocolError(ValueError):
@@ -180,10 +179,11 @@ def json_field(obj: dict, key: str, kind: type | tuple, what: str, default=None)
         raise ProtocolError(f"{what}: missing field {key!r}")
     value = obj[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
+    expected = " or ".join(k.__name__ for k in kinds)
     if isinstance(value, bool) and bool not in kinds:
-        raise ProtocolError(f"{what}: field {key!r} must be {kind}, got bool")
+        raise ProtocolError(f"{what}: field {key!r} must be {expected}, got bool")
     if not isinstance(value, kinds):
-        raise ProtocolError(f"{what}: field {key!r} must be {kind}, got {type(value).__name__}")
+        raise ProtocolError(f"{what}: field {key!r} must be {expected}, got {type(value).__name__}")
     return value
 
 
@@ -275,31 +275,9 @@ def parse_ack(frames: list) -> tuple[int, tuple[int, ...]]:
 # -- broker -> client ---------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class RingLayout:
-    """The ring segment's layout as WELCOME states it (``Layout`` in loader_server/ring.py), checked."""
-    segment: str  # a name in /dev/shm matching ``paths.SEGMENT_NAME``
-    token: bytes  # TOKEN_BYTES that the segment starts with
-    header: int
-    slots: int
-    slot_bytes: int
-    x_offset: int  # within each slot
-    x_shape: tuple[int, ...]
-    x_dtype: str
-    y_offset: int
-    y_shape: tuple[int, ...]
-    y_dtype: str
-    mailboxes: int
-    mailbox_offset: int  # of mailbox 0, within the header
-    mailbox_capacity: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.header + self.slots * self.slot_bytes
-
-
-@dataclass(frozen=True, slots=True)
 class WelcomeMsg:
     layout: RingLayout
+    structure: Structure
     batch_size: int
     steps_per_epoch: int
     samples: int
@@ -317,92 +295,25 @@ def _int_field(obj: dict, key: str, low: int, high: int, what: str) -> int:
     return value
 
 
-def _aligned_field(obj: dict, key: str, low: int, what: str) -> int:
-    value = _int_field(obj, key, low, MAX_SEGMENT_BYTES, what)
-    if value % ALIGN:
-        raise ProtocolError(f"{what}: field {key!r} must be a multiple of {ALIGN}, got {value}")
-    return value
+def _layout(obj: dict, batch_size: int) -> RingLayout:
+    try:
+        return RingLayout.parse(obj, batch_size)
+    except LayoutError as exc:
+        raise ProtocolError(f"WELCOME layout: {exc}") from None
 
 
-def _shape_field(obj: dict, key: str, batch_size: int, what: str) -> tuple[int, ...]:
-    shape = json_field(obj, key, list, what)
-    if (not 1 <= len(shape) <= MAX_NDIM
-            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_SEGMENT_BYTES
-                       for n in shape)):
-        raise ProtocolError(f"{what}: field {key!r} must be 1 to {MAX_NDIM} non-negative ints, "
-                            f"got {shape!r:.80}")
-    if shape[0] != batch_size:
-        raise ProtocolError(f"{what}: field {key!r} must start with batch_size {batch_size}, got {shape!r:.80}")
-    return tuple(shape)
-
-
-def _dtype_field(obj: dict, key: str, what: str) -> str:
-    dtype = json_field(obj, key, str, what)
-    if dtype not in DTYPE_SIZES:
-        raise ProtocolError(f"{what}: field {key!r} must be a bool, int, uint, float or complex dtype "
-                            f"as numpy spells it ('<f4', '|u1', ...), got {dtype!r:.40}")
-    return dtype
-
-
-def _segment_field(obj: dict, what: str) -> str:
-    segment = json_field(obj, "segment", str, what)
-    match = SEGMENT_NAME.fullmatch(segment)
-    if match is None or match.group(4) != "ring":
-        raise ProtocolError(f"{what}: field 'segment' must be a ring segment name matching "
-                            f"{SEGMENT_NAME.pattern} and ending in '-ring', got {segment!r:.80}")
-    return segment
-
-
-def _token_field(obj: dict, what: str) -> bytes:
-    token = json_field(obj, "token", str, what)
-    if not _TOKEN_HEX.fullmatch(token):
-        raise ProtocolError(f"{what}: field 'token' must be {2 * TOKEN_BYTES} lowercase hex digits, "
-                            f"got {token!r:.80}")
-    return bytes.fromhex(token)
-
-
-def _check_regions(layout: RingLayout, what: str) -> None:
-    """Each array inside a slot, the two apart, the mailboxes between the token and the slots."""
-    x = (layout.x_offset, layout.x_offset + math.prod(layout.x_shape) * DTYPE_SIZES[layout.x_dtype])
-    y = (layout.y_offset, layout.y_offset + math.prod(layout.y_shape) * DTYPE_SIZES[layout.y_dtype])
-    for key, (start, end) in (("x_offset", x), ("y_offset", y)):
-        if end > layout.slot_bytes:
-            raise ProtocolError(f"{what}: field {key!r}: the array [{start}, {end}) does not fit in "
-                                f"slot_bytes {layout.slot_bytes}")
-    both_hold_bytes = x[0] < x[1] and y[0] < y[1]
-    if both_hold_bytes and x[0] < y[1] and y[0] < x[1]:
-        raise ProtocolError(f"{what}: fields 'x_offset' and 'y_offset': x [{x[0]}, {x[1]}) and "
-                            f"y [{y[0]}, {y[1]}) overlap")
-    from .mailbox import mailbox_bytes  # here: client/mailbox.py imports this module
-
-    mailboxes_end = layout.mailbox_offset + layout.mailboxes * mailbox_bytes(layout.mailbox_capacity)
-    if mailboxes_end > layout.header:
-        raise ProtocolError(f"{what}: field 'mailbox_offset': {layout.mailboxes} mailboxes from byte "
-                            f"{layout.mailbox_offset} end at byte {mailboxes_end}, beyond the header's "
-                            f"{layout.header} bytes")
-    if layout.nbytes > MAX_SEGMENT_BYTES:
-        raise ProtocolError(f"{what}: the ring of {layout.slots} slots of {layout.slot_bytes} bytes after "
-                            f"a {layout.header}-byte header exceeds {MAX_SEGMENT_BYTES} bytes")
-
-
-def _parse_layout(obj: dict, batch_size: int) -> RingLayout:
-    what = "WELCOME layout"
-    slots = _int_field(obj, "slots", 1, MAX_SLOTS, what)
-    capacity = json_field(obj, "mailbox_capacity", int, what)
-    if capacity != slots:
-        raise ProtocolError(f"{what}: field 'mailbox_capacity' must equal slots ({slots}), got {capacity}")
-    layout = RingLayout(
-        segment=_segment_field(obj, what), token=_token_field(obj, what),
-        header=_aligned_field(obj, "header", ALIGN, what), slots=slots,
-        slot_bytes=_aligned_field(obj, "slot_bytes", ALIGN, what),
-        x_offset=_aligned_field(obj, "x_offset", 0, what), x_shape=_shape_field(obj, "x_shape", batch_size, what),
-        x_dtype=_dtype_field(obj, "x_dtype", what),
-        y_offset=_aligned_field(obj, "y_offset", 0, what), y_shape=_shape_field(obj, "y_shape", batch_size, what),
-        y_dtype=_dtype_field(obj, "y_dtype", what),
-        mailboxes=_int_field(obj, "mailboxes", 0, MAX_MAILBOXES, what),
-        mailbox_offset=_aligned_field(obj, "mailbox_offset", TOKEN_BYTES, what), mailbox_capacity=capacity)
-    _check_regions(layout, what)
-    return layout
+def _structure(obj: dict, layout: RingLayout) -> Structure:
+    """The structure WELCOME states, using every field of ``layout`` and only those."""
+    try:
+        structure = Structure.parse(obj)
+        structure.check_fields(layout.names)
+    except StructureError as exc:
+        raise ProtocolError(f"WELCOME structure: {exc}") from None
+    for name in layout.names:
+        if name not in structure.names:
+            raise ProtocolError(f"WELCOME structure: layout field {name!r} is in every slot but in none of "
+                                f"inputs, targets and sample_weight ({structure.to_json()})")
+    return structure
 
 
 def _mailbox_field(obj: dict, mailboxes: int) -> tuple[int, int] | None:
@@ -421,18 +332,20 @@ def parse_welcome(frames: list, requested_credit: int) -> WelcomeMsg:
     _expect_frames(frames, 2, "WELCOME")
     obj = decode_json(frames[1], "WELCOME")
     batch_size = _int_field(obj, "batch_size", 1, MAX_BATCH_SIZE, "WELCOME")
-    layout = _parse_layout(json_field(obj, "layout", dict, "WELCOME"), batch_size)
+    layout = _layout(json_field(obj, "layout", dict, "WELCOME"), batch_size)
+    structure = _structure(json_field(obj, "structure", dict, "WELCOME"), layout)
     heartbeat_s = json_field(obj, "heartbeat_s", (int, float), "WELCOME")
     if not 0 < heartbeat_s <= MAX_HEARTBEAT_S:
         raise ProtocolError(f"WELCOME: field 'heartbeat_s' must be in (0, {MAX_HEARTBEAT_S}], got {heartbeat_s}")
     return WelcomeMsg(
-        layout=layout, batch_size=batch_size,
+        layout=layout, structure=structure, batch_size=batch_size,
         steps_per_epoch=_int_field(obj, "steps_per_epoch", 1, MAX_COUNT, "WELCOME"),
         samples=_int_field(obj, "samples", 1, MAX_COUNT, "WELCOME"), heartbeat_s=float(heartbeat_s),
         credit=_int_field(obj, "credit", 1, requested_credit, "WELCOME"),
         ordered=json_field(obj, "ordered", bool, "WELCOME"),
         server_pid=_int_field(obj, "server_pid", 1, MAX_PID, "WELCOME"),
         mailbox=_mailbox_field(obj, layout.mailboxes))
+
 
 def batch(msg: BatchMsg) -> list[bytes]:
     return [BATCH, _BATCH.pack(msg.slot, msg.flags, msg.epoch, msg.index, msg.seq)]
@@ -452,8 +365,9 @@ def parse_batches(frames: list) -> list[BatchMsg]:
     return [BatchMsg(*fields) for fields in _BATCH.iter_unpack(buf)]
 
 
-def parse_batch(frames: list) -> BatchMsg:
-    _expect_frames(frames, 4, "BATCH")
+def parse_batch(frames: list, fields: int) -> BatchMsg:
+    """BATCH in "frames" mode: its record, then one frame for each of the layout's ``fields``."""
+    _expect_frames(frames, 2 + fields, "BATCH")
     return BatchMsg(*_unpack(_BATCH, frames[1], "BATCH"))
 
 

@@ -36,7 +36,7 @@ def build_model(spec, num_classes: int):
     import keras
     from keras import layers
 
-    x_shape = tuple(spec.x_shape)
+    x_shape = tuple(spec.field("features").shape)
     if len(x_shape) == 3:  # (H, W, C) images
         body = [layers.Conv2D(16, 3, strides=2, padding="same", activation="relu"),
                 layers.Conv2D(32, 3, strides=2, padding="same", activation="relu"),

@@ -1,4 +1,4 @@
-"""What batch (epoch, index) is: sample ids, augmentation and labels, written into a slot.
+"""What batch (epoch, index) is: sample ids, then every field through the augmentation, into a slot.
 
 If the pipeline raises, the batch is re-run one sample at a time to find the
 sample at fault. ``on_error="raise"`` reports it (``SampleError``, with the
@@ -13,9 +13,10 @@ import traceback
 
 import numpy as np
 
-from .augment import Pipeline
+from .augment import SamplePipeline
 from .augment.rng import sample_keys, uniform
 from .config import Config
+from .ring import aligned_empty
 from .sampler import Sampler
 from .sources import SourceRef, open_ref
 
@@ -33,26 +34,37 @@ class SampleError(Exception):
 
 class BatchMaker:
     def __init__(self, config: Config, source: SourceRef):
-        self.features, self.labels = open_ref(source)
+        structure = config.structure
+        opened = open_ref(source)
+        self.fields = {name: opened[name] for name in structure.names}  # in slot order
         if config.private_data:  # numpy puts large arrays in huge pages; /dev/shm may not have them
-            self.features = np.array(self.features)
-            self.features.flags.writeable = False  # as the shared view: the kernels compiled for it serve
+            for name, array in self.fields.items():
+                self.fields[name] = np.array(array)
+                self.fields[name].flags.writeable = False  # as the shared view: the same kernels serve
         self.config = config
-        self.sampler = Sampler(len(self.features), config.batch_size, config.seed, config.sampling,
+        self.samples = len(next(iter(self.fields.values())))
+        self.sampler = Sampler(self.samples, config.batch_size, config.seed, config.sampling,
                                config.steps_per_epoch)
-        self.pipeline = Pipeline(config.augment, self.features.shape[1:], self.features.dtype, config.jit)
+        inputs = structure.inputs
+        self.pipeline = SamplePipeline(config.augment, self.fields, inputs if isinstance(inputs, str) else inputs[0],
+                                       config.jit, sample_keys(config.seed, 0, 0, 1)[0])
         self._one = None
 
-    def make(self, epoch: int, index: int, x: np.ndarray, y: np.ndarray, stream: bool = False) -> int:
-        """Write batch (epoch, index) into ``x`` and ``y``; return how many samples were skipped.
-        ``stream``: ``x`` is a ring slot, which nobody reads soon (``Pipeline.run``)."""
+    def empty_batch(self, batch: int | None = None) -> dict[str, np.ndarray]:
+        """One array per output field, aligned as a ring slot's (so the same kernels compile)."""
+        batch = self.config.batch_size if batch is None else batch
+        return {name: aligned_empty((batch, *shape), dtype) for name, (shape, dtype) in self.pipeline.out_fields.items()}
+
+    def make(self, epoch: int, index: int, out: dict[str, np.ndarray], stream: bool = False) -> int:
+        """Write batch (epoch, index) into ``out`` (one array per field); return how many samples
+        were skipped. ``stream``: ``out`` is a ring slot, which nobody reads soon."""
         idx = self.sampler.indices(epoch, index)
         keys = sample_keys(self.config.seed, epoch, index, self.config.batch_size)
         skipped = 0
         try:
-            self.pipeline.run(self.features, idx, keys, x, stream)
+            self.pipeline.run(self.fields, idx, keys, out, stream)
         except Exception as exc:
-            bad = self._failing_sample(idx, keys, x)
+            bad = self._failing_sample(idx, keys)
             if bad is None:
                 raise
             if self.config.on_error == "raise":
@@ -61,33 +73,32 @@ class BatchMaker:
             while bad is not None:
                 idx[bad.position] = self._replacement(idx, keys, bad)
                 skipped += 1
-                bad = self._failing_sample(idx, keys, x)
-            self.pipeline.run(self.features, idx, keys, x, stream)
-        np.take(self.labels, idx, axis=0, out=y)
+                bad = self._failing_sample(idx, keys)
+            self.pipeline.run(self.fields, idx, keys, out, stream)
         return skipped
 
-    def _run_one(self, idx: np.ndarray, keys: np.ndarray, x: np.ndarray, position: int) -> None:
+    def _run_one(self, idx: np.ndarray, keys: np.ndarray, position: int) -> None:
         if self._one is None:
-            self._one = np.empty((1, *x.shape[1:]), x.dtype)
-        self.pipeline.run(self.features, idx[position:position + 1], keys[position:position + 1], self._one)
+            self._one = self.empty_batch(1)
+        self.pipeline.run(self.fields, idx[position:position + 1], keys[position:position + 1], self._one)
 
-    def _failing_sample(self, idx, keys, x) -> SampleError | None:
+    def _failing_sample(self, idx, keys) -> SampleError | None:
         for position in range(len(idx)):
             try:
-                self._run_one(idx, keys, x, position)
+                self._run_one(idx, keys, position)
             except Exception as exc:
                 return SampleError(int(idx[position]), position, exc, traceback.format_exc())
         return None
 
     def _replacement(self, idx, keys, bad: SampleError) -> int:
-        n = len(self.features)
+        n = self.samples
         for attempt in range(MAX_REPLACEMENT_TRIES):
             u = uniform(keys[bad.position:bad.position + 1], REPLACEMENT_STREAM + attempt)[0]
             candidate = min(int(u * n), n - 1)
             trial = idx.copy()
             trial[bad.position] = candidate
             try:
-                self._run_one(trial, keys, self._one, bad.position)
+                self._run_one(trial, keys, bad.position)
             except Exception:
                 continue
             return candidate

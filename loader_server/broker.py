@@ -628,11 +628,10 @@ class Broker:
         self._send_headers(client, headers)
 
     def _send_slot(self, identity: bytes, header: BatchMsg) -> None:
-        """Send a slot's arrays as frames that alias it. pyzmq's ``track=True`` watches only the
-        last frame, and frames under ``zmq.COPY_THRESHOLD`` are copied at once, so each frame is
-        tracked: the slot is free only once libzmq is done with all of them."""
-        arrays = [zmq.Frame(self.ring.x[header.slot], track=True),
-                  zmq.Frame(self.ring.y[header.slot], track=True)]
+        """Send a slot's fields, in layout order, as frames that alias it. pyzmq's ``track=True``
+        watches only the last frame, and frames under ``zmq.COPY_THRESHOLD`` are copied at once,
+        so each frame is tracked: the slot is free only once libzmq is done with all of them."""
+        arrays = [zmq.Frame(array, track=True) for array in self.ring.arrays[header.slot].values()]
         self.frontend.send_multipart([identity, *protocol.batch(header), *arrays], copy=False)
         self.in_transit.append((zmq.MessageTracker(*arrays), header.slot))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from client.paths import check_name, default_endpoint
+from client.structure import DEFAULT_INPUTS, DEFAULT_TARGETS, Structure, StructureError
 
 SAMPLING_MODES = ("shuffle", "replacement")
 # A client sends tens of KB/s at the most (ACKs, PINGs; its HELLO fits the guard's burst): below
@@ -38,6 +39,9 @@ def _check_number(name: str, value: Any, minimum_exclusive: float) -> None:
 @dataclass(frozen=True)
 class Config:
     data: str | None = None
+    inputs: str | tuple = DEFAULT_INPUTS
+    targets: str | tuple = DEFAULT_TARGETS
+    sample_weight: str | None = None
     batch_size: int = 32
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     slots: int | None = None
@@ -113,11 +117,22 @@ class Config:
             path = getattr(self, option)
             if path is not None and not Path(path).exists():
                 raise ConfigError(f"{option} {path!r} does not exist (make keys with: ringfeed keys DIR)")
+        try:
+            structure = Structure(self.inputs, self.targets, self.sample_weight)
+        except StructureError as exc:
+            raise ConfigError(str(exc)) from None
+        for role in ("inputs", "targets"):  # TOML gives lists; a frozen config holds tuples
+            object.__setattr__(self, role, getattr(structure, role))
         augment = tuple(self.augment)
         for i, spec in enumerate(augment):
             if not isinstance(spec, dict) or not isinstance(spec.get("op"), str):
                 raise ConfigError(f"augment[{i}] must be a table with a string 'op', got {spec!r}")
         object.__setattr__(self, "augment", augment)
+
+    @property
+    def structure(self) -> Structure:
+        """Which fields the trainer receives, and where: ``(x, y)`` or ``(x, y, w)``."""
+        return Structure(self.inputs, self.targets, self.sample_weight)
 
     def with_overrides(self, **overrides: Any) -> "Config":
         """A copy with the given options replaced; ``None`` values are ignored."""

@@ -97,7 +97,7 @@ def run_demo(epochs: int = 8, workers: int | None = None, use_tf_dataset: bool =
     print(f"ringfeed started: pid {state['pid']}, endpoint {state['endpoint']}")
     try:
         with Feed(state["endpoint"]) as feed:
-            model = build_model(feed.spec.x_shape)
+            model = build_model(feed.spec.field("features").shape)
             source = feed.as_tf_dataset() if use_tf_dataset else feed.generator()
             started = time.perf_counter()
             model.fit(source, steps_per_epoch=feed.steps_per_epoch, epochs=epochs, shuffle=False,

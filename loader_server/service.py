@@ -53,7 +53,7 @@ from .config import Config, ConfigError
 from .connections import ConnectionGuard, default_max_connections, raise_fd_limit
 from .pool import WorkerPool
 from .procs import die_with_parent
-from .ring import Layout, Ring, aligned_empty
+from .ring import Ring, plan_layout
 from .auth import secure_frontend
 from .batches import BatchMaker, SampleError
 from .worker import WorkerSpec
@@ -133,15 +133,29 @@ def _unlink_if_ours(path: Path, file_id: shm.FileId) -> None:
 def prepare_source(config: Config, token: str) -> tuple[sources.SourceRef, list[str]]:
     """Open and validate ``config.data``; return how workers find it and the segments to unlink."""
     if config.data is None:
-        raise ConfigError("no data: give --data PATH (a folder with features.npy and labels.npy, "
-                          "or an .npz file)")
-    features, labels = sources.load_path(config.data)
-    sources.validate_for(config, features, labels)
-    if isinstance(features, np.memmap):
+        raise ConfigError("no data: give --data PATH (a folder of .npy files, one per field, such as "
+                          "features.npy and labels.npy, or an .npz file)")
+    sources.check_structure(config.structure, sources.field_names(config.data), f"data {config.data!r}")
+    fields = sources.load_path(config.data, config.structure.names)
+    sources.validate_for(config, fields)
+    if all(isinstance(array, np.memmap) for array in fields.values()):
         path = Path(config.data)
-        return sources.SourceRef(str(path / "features.npy"), str(path / "labels.npy")), []
+        return sources.SourceRef(paths=tuple((name, str(path / f"{name}.npy")) for name in fields)), []
     segment = shm.segment_name(os.getpid(), token, "data")
-    return sources.publish(features, labels, segment), [segment]
+    return sources.publish(fields, segment), [segment]
+
+
+def _first_batch(config: Config, maker: BatchMaker) -> None:
+    """Make batch (epoch 0, index 0) here: refuses pipelines that fail, and warms the numba
+    cache for the workers."""
+    try:
+        maker.make(0, 0, maker.empty_batch(), config.streaming_stores)
+    except SampleError as exc:
+        raise ConfigError(f"the augmentation pipeline failed on batch (epoch 0, index 0), "
+                          f"sample {exc.sample}: {exc}\n{exc.trace}") from exc
+    except Exception as exc:
+        raise ConfigError(f"the augmentation pipeline failed on batch (epoch 0, index 0): "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def run_server(config: Config, source: sources.SourceRef | None = None, on_ready=None) -> None:
@@ -168,26 +182,17 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
         if source is None:
             source, owned = prepare_source(config, token)
         maker = BatchMaker(replace(config, private_data=False), source)  # workers make the copies
-        x_shape = (config.batch_size, *maker.pipeline.out_shape)
-        y_shape = (config.batch_size, *maker.labels.shape[1:])
-        x, y = aligned_empty(x_shape, maker.pipeline.out_dtype), np.empty(y_shape, maker.labels.dtype)
-        try:  # refuses pipelines that fail, and warms the numba cache for the workers
-            maker.make(0, 0, x, y, config.streaming_stores)
-        except SampleError as exc:
-            raise ConfigError(f"the augmentation pipeline failed on batch (epoch 0, index 0), "
-                              f"sample {exc.sample}: {exc}\n{exc.trace}") from exc
-        except Exception as exc:
-            raise ConfigError(f"the augmentation pipeline failed on batch (epoch 0, index 0): "
-                              f"{type(exc).__name__}: {exc}") from exc
-        del x, y
-        layout = Layout.plan(shm.segment_name(os.getpid(), token, "ring"), config.slots,
-                             x_shape, maker.pipeline.out_dtype, y_shape, maker.labels.dtype)
+        _first_batch(config, maker)
+        layout = plan_layout(shm.segment_name(os.getpid(), token, "ring"), config.slots,
+                             {name: ((config.batch_size, *shape), dtype)
+                              for name, (shape, dtype) in maker.pipeline.out_fields.items()})
         ring = Ring(layout, create=True)
         owned.append(layout.segment)
         welcome = {
-            "layout": layout.to_json(), "batch_size": config.batch_size,
-            "steps_per_epoch": maker.sampler.steps_per_epoch, "samples": len(maker.features),
-            "heartbeat_s": config.heartbeat_s, "ordered": config.ordered, "server_pid": os.getpid(),
+            "layout": layout.to_json(), "structure": config.structure.to_json(),
+            "batch_size": config.batch_size, "steps_per_epoch": maker.sampler.steps_per_epoch,
+            "samples": maker.samples, "heartbeat_s": config.heartbeat_s, "ordered": config.ordered,
+            "server_pid": os.getpid(),
         }
         frontend = ctx.socket(zmq.ROUTER)
         frontend.setsockopt(zmq.LINGER, 0)
@@ -271,14 +276,23 @@ def _child_main(config: Config, source, conn, parent_pid: int) -> None:
 class Service:
     """A ringfeed server in a child process, for notebooks, scripts and tests.
 
-    ``Service(config, features=..., labels=...)`` takes in-memory arrays (copied
-    once into a shared data segment) or uses ``config.data``. Use it as a
-    context manager; ``start`` returns once the workers are warm.
+    ``Service(config, fields={"image": X, "label": y, ...})`` takes in-memory
+    arrays, one per field (copied once into a shared data segment);
+    ``features=``/``labels=`` are the two-field case. Without either it uses
+    ``config.data``. Use it as a context manager; ``start`` returns once the
+    workers are warm.
     """
 
-    def __init__(self, config: Config | None = None, *, features=None, labels=None, **options):
+    def __init__(self, config: Config | None = None, *, fields: dict | None = None, features=None, labels=None,
+                 **options):
         self.config = (config or Config()).with_overrides(**options)
-        self._arrays = None if features is None else (np.asarray(features), np.asarray(labels))
+        if fields is not None and (features is not None or labels is not None):
+            raise ConfigError("give fields= or features=/labels=, not both")
+        if features is not None or labels is not None:
+            fields = {"features": np.asarray(features), "labels": np.asarray(labels)}
+        if fields is not None and not isinstance(fields, dict):
+            raise ConfigError(f"fields must be a dict of field name -> numpy array, got {type(fields).__name__}")
+        self._fields = fields
         self._proc = None
         self._segments: list[str] = []
 
@@ -292,10 +306,11 @@ class Service:
 
     def start(self) -> "Service":
         source = None
-        if self._arrays is not None:
-            sources.validate_for(self.config, *self._arrays)
+        if self._fields is not None:
+            sources.validate_for(self.config, self._fields)
+            used = {name: self._fields[name] for name in self.config.structure.names}
             segment = shm.segment_name(os.getpid(), secrets.token_hex(4), "data")
-            source = sources.publish(*self._arrays, segment)
+            source = sources.publish(used, segment)
             self._segments.append(segment)
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe(duplex=False)

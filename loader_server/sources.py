@@ -1,10 +1,13 @@
-"""Datasets: load, validate, and share with workers without a copy per process.
+"""Datasets of named fields: load, validate, and share with workers without a copy per process.
 
-A folder with ``features.npy`` and ``labels.npy`` is memory-mapped by each
-worker. An ``.npz`` file or in-memory arrays are copied once into a shared
-data segment, which every worker maps; an ``.npz`` file's member headers are
-read first, so members too large to copy are refused before they are loaded.
-Workers receive a small ``SourceRef``, never the arrays themselves.
+A dataset is a set of fields, each an array with one entry per sample (the
+same first dimension for all). A folder holds one ``.npy`` file per field,
+named after the file, and is memory-mapped by each worker; an ``.npz`` file's
+arrays are fields by their names, and they, like in-memory arrays, are copied
+once into a shared data segment, which every worker maps. Only the fields a
+config uses are opened. An ``.npz`` file's member headers are read first, so
+members too large to copy are refused before they are loaded. Workers receive
+a small ``SourceRef``, never the arrays themselves.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from client.layout import DTYPE_SIZES, FIELD_NAME
+from client.structure import Structure, StructureError
+
 from . import shm
 from .config import Config, ConfigError
 
-FEATURE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
-NPZ_MEMBERS = ("features", "labels")
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
                        (2, 0): np.lib.format.read_array_header_2_0}
 _ALIGN = 64
@@ -35,58 +39,79 @@ class ArrayRef:
 
 @dataclass(frozen=True)
 class SourceRef:
-    """How a worker finds the dataset: two .npy paths, or a shared data segment."""
+    """How a worker finds the dataset: one .npy path per field, or a shared data segment."""
 
-    features_path: str | None = None
-    labels_path: str | None = None
+    paths: tuple[tuple[str, str], ...] = ()  # (field, .npy path)
     segment: str | None = None
     segment_id: shm.FileId | None = None  # the data segment's file, which workers check on attach
-    features: ArrayRef | None = None
-    labels: ArrayRef | None = None
+    arrays: tuple[tuple[str, ArrayRef], ...] = ()  # (field, where it is in the segment)
 
 
-def load_path(data: str) -> tuple[np.ndarray, np.ndarray]:
-    """Open ``data`` (folder of .npy files, or .npz) and return (features, labels)."""
+def field_names(data: str) -> list[str]:
+    """The fields ``data`` (a folder of .npy files, or an .npz) holds, without loading any."""
     path = Path(data)
     if path.is_dir():
-        arrays = []
-        for name in ("features.npy", "labels.npy"):
-            try:
-                arrays.append(np.load(path / name, mmap_mode="r", allow_pickle=False))
-            except FileNotFoundError:
-                raise ConfigError(f"data folder {data!r} has no {name}") from None
-            except ValueError as exc:
-                raise ConfigError(f"{path / name} is not a readable .npy array: {exc}") from None
-            if name == "features.npy" and not arrays[-1].flags.c_contiguous:  # kernels read flat rows
-                raise ConfigError(f"{path / name} is stored in Fortran order; expected C order "
-                                  "(save it with np.save(path, np.ascontiguousarray(array)))")
-        return arrays[0], arrays[1]
+        return sorted(p.stem for p in path.glob("*.npy"))
     if path.suffix == ".npz" and path.is_file():
-        return _load_npz(path, data)
-    raise ConfigError(f"data {data!r} does not exist or is neither a folder with features.npy "
-                      "and labels.npy nor an .npz file")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return [n[:-len(".npy")] if n.endswith(".npy") else n for n in archive.namelist()]
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise ConfigError(f"{data!r} is not a readable .npz file: {exc}") from None
+    raise ConfigError(f"data {data!r} does not exist or is neither a folder of .npy files (one per "
+                      "field, e.g. features.npy and labels.npy) nor an .npz file")
 
 
-def _load_npz(path: Path, data: str) -> tuple[np.ndarray, np.ndarray]:
+def check_structure(structure: Structure, available, where: str) -> None:
+    try:
+        structure.check_fields(available)
+    except StructureError as exc:
+        raise ConfigError(f"{where}: {exc} (set inputs, targets and sample_weight to field names)") from None
+
+
+def load_path(data: str, names) -> dict[str, np.ndarray]:
+    """Open the fields ``names`` of ``data``: memory-mapped from a folder, loaded from an .npz."""
+    path = Path(data)
+    _require_fields(data, names)
+    if path.is_dir():
+        return {name: _open_npy(path / f"{name}.npy") for name in names}
+    return _load_npz(path, data, names)
+
+
+def _require_fields(data: str, names) -> None:
+    available = field_names(data)
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise ConfigError(f"data {data!r} has no field(s) {missing}; it has {available}")
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not a readable .npy array: {exc}") from None
+    if not array.flags.c_contiguous:  # kernels read flat rows
+        raise ConfigError(f"{path} is stored in Fortran order; expected C order "
+                          "(save it with np.save(path, np.ascontiguousarray(array)))")
+    return array
+
+
+def _load_npz(path: Path, data: str, names) -> dict[str, np.ndarray]:
     """Read the members' .npy headers first: a header can claim any shape, and loading it
     would allocate that much before anything else is checked."""
-    _check_fits(data, _npz_headers(path, data))
+    _check_fits(data, _npz_headers(path, data, names))
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return npz["features"], npz["labels"]
+            return {name: npz[name] for name in names}
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"{data!r} is not a readable .npz file: {exc}") from None
 
 
-def _npz_headers(path: Path, data: str) -> dict[str, tuple[tuple, np.dtype]]:
-    """member -> (shape, dtype) of the members ``load_path`` uses, from their headers alone."""
+def _npz_headers(path: Path, data: str, names) -> dict[str, tuple[tuple, np.dtype]]:
+    """member -> (shape, dtype) of the members ``names``, from their headers alone."""
     try:
         with zipfile.ZipFile(path) as archive:
-            files = [n[:-len(".npy")] if n.endswith(".npy") else n for n in archive.namelist()]
-            missing = set(NPZ_MEMBERS) - set(files)
-            if missing:
-                raise ConfigError(f"{data!r} lacks array(s) {sorted(missing)}; it has {files}")
-            return {member: _npy_header(archive, data, member) for member in NPZ_MEMBERS}
+            return {member: _npy_header(archive, data, member) for member in names}
     except ConfigError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
@@ -122,27 +147,32 @@ def _check_fits(data: str, members: dict[str, tuple[tuple, np.dtype]]) -> None:
                           f"the {available} bytes of MemAvailable)")
 
 
-def validate(features: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
-    if not isinstance(features, np.ndarray) or not isinstance(labels, np.ndarray):
-        raise ConfigError(f"features and labels must be numpy arrays, got "
-                          f"{type(features).__name__} and {type(labels).__name__}")
-    if features.dtype not in FEATURE_DTYPES:
-        raise ConfigError(f"features dtype {features.dtype} is not supported; expected uint8 or float32")
-    if features.ndim not in (2, 4):
-        raise ConfigError(f"features must be shaped (N, H, W, C) or (N, D), got shape {features.shape}")
-    if labels.ndim < 1 or not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
-        raise ConfigError(f"labels must be a numeric array with one entry per sample, got dtype "
-                          f"{labels.dtype} and shape {labels.shape}")
-    if len(features) != len(labels):
-        raise ConfigError(f"features and labels differ in length: {len(features)} != {len(labels)}")
-    if len(features) < batch_size:
-        raise ConfigError(f"batch_size {batch_size} is larger than the dataset ({len(features)} samples)")
+def validate(fields: dict, batch_size: int) -> None:
+    """Every field a numeric array, named by an identifier, all of the same length."""
+    first = None
+    for name, array in fields.items():
+        if not isinstance(name, str) or not FIELD_NAME.fullmatch(name):
+            raise ConfigError(f"field name {name!r} is not an identifier of at most 64 characters "
+                              "(letters, digits, '_')")
+        if not isinstance(array, np.ndarray):
+            raise ConfigError(f"field {name!r} must be a numpy array, got {type(array).__name__}")
+        if array.ndim < 1 or array.dtype.str not in DTYPE_SIZES:
+            raise ConfigError(f"field {name!r} must be a numeric or bool array with one entry per sample "
+                              f"(no objects, strings or records), got dtype {array.dtype} and shape {array.shape}")
+        if first is None:
+            first = (name, len(array))
+        elif len(array) != first[1]:
+            raise ConfigError(f"fields differ in length: {name!r} has {len(array)} samples, "
+                              f"{first[0]!r} has {first[1]}")
+    if first is not None and first[1] < batch_size:
+        raise ConfigError(f"batch_size {batch_size} is larger than the dataset ({first[1]} samples)")
 
 
-def validate_for(config: Config, features: np.ndarray, labels: np.ndarray) -> None:
-    validate(features, labels, config.batch_size)
+def validate_for(config: Config, fields: dict) -> None:
+    check_structure(config.structure, fields, "the dataset")
+    validate(fields, config.batch_size)
     if config.private_data:
-        check_private_copies(features.nbytes, config.workers)
+        check_private_copies(sum(a.nbytes for a in fields.values()), config.workers)
 
 
 def check_private_copies(nbytes: int, workers: int, available: int | None = None) -> None:
@@ -169,28 +199,25 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def publish(features: np.ndarray, labels: np.ndarray, segment: str) -> SourceRef:
-    """Copy both arrays once into a new shared data segment named ``segment``."""
-    feats_bytes = _aligned(features.nbytes)
-    total = feats_bytes + _aligned(labels.nbytes)
-    shm.check_space(total, "the data segment")
-    mm, segment_id = shm.create(segment, max(total, 1))
-    ref = SourceRef(segment=segment, segment_id=segment_id,
-                    features=ArrayRef(0, tuple(features.shape), features.dtype.str),
-                    labels=ArrayRef(feats_bytes, tuple(labels.shape), labels.dtype.str))
-    for arr, aref in ((features, ref.features), (labels, ref.labels)):
-        view = np.ndarray(aref.shape, np.dtype(aref.dtype), buffer=mm, offset=aref.offset)
-        view[...] = arr
+def publish(fields: dict[str, np.ndarray], segment: str) -> SourceRef:
+    """Copy every field once into a new shared data segment named ``segment``."""
+    arrays, offset = [], 0
+    for name, array in fields.items():
+        arrays.append((name, ArrayRef(offset, tuple(array.shape), array.dtype.str)))
+        offset += _aligned(array.nbytes)
+    shm.check_space(offset, "the data segment")
+    mm, segment_id = shm.create(segment, max(offset, 1))
+    for (name, ref) in arrays:
+        view = np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=mm, offset=ref.offset)
+        view[...] = fields[name]
         del view
     mm.close()
-    return ref
+    return SourceRef(segment=segment, segment_id=segment_id, arrays=tuple(arrays))
 
 
-def open_ref(ref: SourceRef) -> tuple[np.ndarray, np.ndarray]:
-    """Map the dataset in a worker; nothing is copied."""
+def open_ref(ref: SourceRef) -> dict[str, np.ndarray]:
+    """Map the dataset's fields in a worker; nothing is copied."""
     if ref.segment is None:
-        return (np.load(ref.features_path, mmap_mode="r", allow_pickle=False),
-                np.load(ref.labels_path, mmap_mode="r", allow_pickle=False))
+        return {name: np.load(path, mmap_mode="r", allow_pickle=False) for name, path in ref.paths}
     mm = shm.attach(ref.segment, ref.segment_id, writable=False)
-    return tuple(np.ndarray(a.shape, np.dtype(a.dtype), buffer=mm, offset=a.offset)
-                 for a in (ref.features, ref.labels))
+    return {name: np.ndarray(a.shape, np.dtype(a.dtype), buffer=mm, offset=a.offset) for name, a in ref.arrays}

@@ -35,15 +35,14 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 
-import numpy as np
-
 from client import protocol
+from client.layout import RingLayout
 
 from .batches import BatchMaker, SampleError
 from .channel import Channel, ChannelError
 from .config import Config
 from .procs import die_with_parent
-from .ring import Layout, Ring, aligned_empty
+from .ring import Ring
 from .shm import FileId
 from .sources import SourceRef
 
@@ -56,7 +55,7 @@ class WorkerSpec:
     worker_id: int
     config: Config
     source: SourceRef
-    layout: Layout
+    layout: RingLayout
     parent_pid: int
     ring_id: FileId  # the ring file the server created; kept out of Layout, which clients receive
 
@@ -70,9 +69,8 @@ def worker_main(spec: WorkerSpec, link: socket.socket) -> None:
     numba.set_num_threads(min(spec.config.threads_per_worker, numba.config.NUMBA_NUM_THREADS))
     maker = BatchMaker(spec.config, spec.source)
     ring = Ring(spec.layout, create=False, file_id=spec.ring_id)
-    # Compile before W_HELLO, into a buffer aligned as the slots are, so the same kernels compile.
-    maker.make(0, 0, aligned_empty(ring.x[0].shape, ring.x[0].dtype), np.empty_like(ring.y[0]),
-               spec.config.streaming_stores)
+    # Compile before W_HELLO, into buffers aligned as the slots are, so the same kernels compile.
+    maker.make(0, 0, maker.empty_batch(), spec.config.streaming_stores)
 
     channel = Channel(link)
     try:
@@ -106,8 +104,7 @@ def _serve(channel: Channel, maker: BatchMaker, ring: Ring, parent_pid: int) -> 
         task = tasks.popleft()
         started = time.perf_counter()
         try:
-            skipped = maker.make(task.epoch, task.index, ring.x[task.slot], ring.y[task.slot],
-                                 maker.config.streaming_stores)
+            skipped = maker.make(task.epoch, task.index, ring.arrays[task.slot], maker.config.streaming_stores)
         except Exception as exc:  # travels to the client as data
             _report(channel, done)
             channel.send(protocol.worker_error(task.slot, _error_details(exc, task)))

@@ -60,13 +60,12 @@ def expected_batches(config, images, labels, n):
 
     segment = f"ringfeed-{os.getpid()}-{uuid.uuid4().hex[:8]}-data"
     try:
-        maker = BatchMaker(config, publish(images, labels, segment))
+        maker = BatchMaker(config, publish({"features": images, "labels": labels}, segment))
         out = []
         for seq in range(n):
-            x = np.empty((config.batch_size, *maker.pipeline.out_shape), maker.pipeline.out_dtype)
-            y = np.empty((config.batch_size, *labels.shape[1:]), labels.dtype)
-            maker.make(*divmod(seq, maker.sampler.steps_per_epoch), x, y)
-            out.append((x, y))
+            batch = maker.empty_batch()
+            maker.make(*divmod(seq, maker.sampler.steps_per_epoch), batch)
+            out.append((batch["features"], batch["labels"]))
         return out
     finally:
         os.unlink(f"/dev/shm/{segment}")

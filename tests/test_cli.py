@@ -39,7 +39,7 @@ def test_start_status_stop(tmp_path, name):
     assert status["running"] and status["workers"] == 2 and status["batch_size"] == 8
     assert status["slots"]["free"] == status["slots"]["total"]
     with Feed(name=name) as feed:
-        assert feed.spec.x_shape == (12, 12, 3) and feed.spec.x_dtype == np.uint8
+        assert feed.spec.field("features").shape == (12, 12, 3) and feed.spec.field("features").dtype == np.uint8
         for _, batch in zip(range(5), feed.generator()):
             assert batch[0].shape == (8, 12, 12, 3)
     status = json.loads(ringfeed("status", "--name", name, "--json").stdout)

@@ -100,12 +100,13 @@ def ring_bytes(batch_size: int, workers: int) -> int:
     """The ring `ringfeed serve --config docker/ringfeed.toml` plans for make_data.py's data."""
     from loader_server.augment import Pipeline
     from loader_server.config import load_toml
-    from loader_server.ring import Layout
+    from loader_server.ring import plan_layout
 
     config = load_toml(TOML, batch_size=batch_size, workers=workers)
     pipeline = Pipeline(config.augment, (64, 64, 3), np.dtype(np.uint8), False)
-    return Layout.plan("sizing", config.slots, (batch_size, *pipeline.out_shape), pipeline.out_dtype,
-                       (batch_size,), np.int32).nbytes
+    return plan_layout("ringfeed-1-1-sizing-ring", config.slots,
+                       {"features": ((batch_size, *pipeline.out_shape), pipeline.out_dtype),
+                        "labels": ((batch_size,), np.int32)}).nbytes
 
 
 # -- compose ----------------------------------------------------------------------
@@ -283,7 +284,7 @@ def test_make_data_writes_a_dataset_ringfeed_serves(dataset):
     assert set(np.unique(labels)) == set(range(10))
     means = [features[labels == k].reshape(-1, 3).mean(0) for k in range(3)]
     assert [int(np.argmax(m)) for m in means] == [0, 1, 2]  # classes differ in a learnable way
-    validate(*load_path(str(dataset)), 256)
+    validate(load_path(str(dataset), ("features", "labels")), 256)
     stamp = (dataset / "features.npy").stat().st_mtime_ns
     again = subprocess.run([sys.executable, str(DOCKER / "make_data.py"), str(dataset), "--if-missing"],
                            capture_output=True, text=True, timeout=120)

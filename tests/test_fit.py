@@ -53,3 +53,45 @@ def test_fits_one_after_another_on_one_feed_do_not_pin_ring_slots(name):
         feed.next_batch(copy=True)
         held = leased_slots(svc.endpoint, at_most=2)
     assert held <= 2  # the feed's prefetch; pinned slots would have kept all 8 leased
+
+
+def _two_in_two_out_model():
+    import keras
+    from keras import layers
+
+    inputs = {"image": keras.Input((8, 8, 3), name="image"), "meta": keras.Input((16,), name="meta")}
+    flat = layers.Flatten()(layers.Rescaling(1 / 255)(inputs["image"]))
+    hidden = layers.Dense(16, activation="relu")(layers.Concatenate()([flat, inputs["meta"]]))
+    outputs = {"cls": layers.Dense(4, name="cls")(hidden), "box": layers.Dense(4, name="box")(hidden)}
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss={"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "box": "mse"})
+    return model
+
+
+def test_a_two_input_two_output_model_fits_with_sample_weights_that_reach_the_loss(name):
+    import numpy as np
+    from conftest import rgb_images
+
+    from client import Feed
+    from loader_server import Config, Service
+
+    rng = np.random.default_rng(0)
+    data = {"image": rgb_images(128, 8), "meta": rng.random((128, 16), dtype=np.float32),
+            "cls": np.arange(128) % 4, "box": rng.random((128, 4), dtype=np.float32)}
+    config = Config(batch_size=16, workers=1, name=name, inputs=["image", "meta"], targets=["cls", "box"],
+                    sample_weight="weight")
+    losses = {}
+    for weight in (1.0, 0.0):
+        model = _two_in_two_out_model()
+        fields = {**data, "weight": np.full(128, weight, np.float32)}
+        with Service(config.with_overrides(name=f"{name}{weight:.0f}"), fields=fields) as svc, \
+                Feed(svc.endpoint) as feed:
+            x_spec, y_spec, w_spec = feed.as_tf_dataset().element_spec
+            assert set(x_spec) == {"image", "meta"} and set(y_spec) == {"cls", "box"}
+            assert x_spec["image"].name == "image" and w_spec.name == "weight" and w_spec.shape == (16,)
+            first = model.fit(feed.generator(), steps_per_epoch=8, epochs=3, verbose=0).history["loss"]
+            second = model.fit(feed.as_tf_dataset(), steps_per_epoch=8, epochs=1, verbose=0).history["loss"]
+        losses[weight] = first + second
+    assert all(loss > 0 for loss in losses[1.0]) and losses[1.0][-1] < losses[1.0][0]
+    assert losses[0.0] == [0.0] * 4  # every sample weighted 0: nothing reaches the loss

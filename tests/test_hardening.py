@@ -104,7 +104,7 @@ def test_hostile_messages_cost_their_client_only(name):
             reply = _reply(sock, [protocol.HELLO, b'{"a":' * 5000 + b"1" + b"}" * 5000])
             assert "nested too deeply" in protocol.parse_error(reply)["message"]
             assert _reply(sock, _hello(start=(protocol.MAX_POSITION, 0)))[0] == protocol.WELCOME
-            batch = protocol.parse_batch(_reply(sock, protocol.mode("frames")))
+            batch = protocol.parse_batch(_reply(sock, protocol.mode("frames")), 2)
             assert (batch.epoch, batch.index) == (protocol.MAX_POSITION, 0)
         finally:
             sock.close(0)
@@ -251,7 +251,7 @@ def test_a_peer_that_does_not_map_the_ring_cannot_hold_slots(name):
             time.sleep(0.3)
             slots = query_status(svc.endpoint)["slots"]
             assert slots["free"] == slots["total"]  # nothing was made for it, nothing is held
-            assert protocol.parse_batch(_reply(sock, protocol.mode("frames"))).index == 0
+            assert protocol.parse_batch(_reply(sock, protocol.mode("frames")), 2).index == 0
         finally:
             sock.close(0)
 

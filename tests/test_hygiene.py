@@ -22,7 +22,7 @@ from loader_server import shm, sources
 from loader_server.auth import generate_keys
 from loader_server.config import ConfigError
 from loader_server.procs import pid_alive
-from loader_server.ring import Layout, Ring
+from loader_server.ring import Ring, plan_layout
 from loader_server.service import _cleartext_readers
 
 RINGFEED = [sys.executable, "-m", "loader_server.cli"]
@@ -140,7 +140,8 @@ def test_remove_stale_removes_only_dead_segments_of_ours():
 # 3. workers check owner and inode on reopen
 
 def test_attach_refuses_a_replaced_ring_segment():
-    layout = Layout.plan(shm.segment_name(os.getpid(), "swap", "ring"), 2, (2, 4), np.uint8, (2,), np.int64)
+    layout = plan_layout(shm.segment_name(os.getpid(), "swap", "ring"), 2,
+                         {"features": ((2, 4), np.uint8), "labels": ((2,), np.int64)})
     ring = Ring(layout, create=True)
     path = shm.SHM_DIR / layout.segment
     try:
@@ -165,11 +166,11 @@ def test_attach_refuses_a_replaced_ring_segment():
 
 def test_open_ref_refuses_a_replaced_data_segment():
     segment = shm.segment_name(os.getpid(), "swapdata", "data")
-    ref = sources.publish(np.zeros((8, 3), np.float32), np.arange(8), segment)
+    ref = sources.publish({"features": np.zeros((8, 3), np.float32), "labels": np.arange(8)}, segment)
     path = shm.SHM_DIR / segment
     keep_inode = os.open(path, os.O_RDONLY)  # so the replacement cannot reuse the inode number
     try:
-        assert sources.open_ref(ref)[0].shape == (8, 3)
+        assert sources.open_ref(ref)["features"].shape == (8, 3)
         path.unlink()
         _plant(segment)
         with pytest.raises(shm.SegmentError, match="is not the segment the server created"):
@@ -279,7 +280,7 @@ def test_an_npz_whose_header_claims_a_huge_shape_is_refused_before_loading(tmp_p
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.monotonic()
     with pytest.raises(ConfigError) as err:
-        sources.load_path(str(path))
+        sources.load_path(str(path), ("features", "labels"))
     assert time.monotonic() - started < 2.0
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024 < 64 * MiB
     message = str(err.value)
@@ -291,7 +292,7 @@ def test_an_npz_whose_header_claims_a_huge_shape_is_refused_before_loading(tmp_p
 def test_an_npz_member_of_object_dtype_is_refused(tmp_path):
     path = _npz(tmp_path / "objects.npz", _npy_header((4,), "|O"))
     with pytest.raises(ConfigError, match="member 'features' has dtype object, which holds Python objects"):
-        sources.load_path(str(path))
+        sources.load_path(str(path), ("features", "labels"))
 
 
 # 8. who can read the batches; CURVE keys revoked without a restart

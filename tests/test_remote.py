@@ -27,7 +27,7 @@ def test_tcp_frames_match_the_zero_copy_path_and_train(name):
             assert a.tobytes() == b.tobytes() and np.array_equal(ay, by)
         keras = pytest.importorskip("keras")
         with Feed(svc.endpoint, transport="frames") as feed:
-            model = keras.Sequential([keras.Input(feed.spec.x_shape), keras.layers.Flatten(),
+            model = keras.Sequential([keras.Input(feed.spec.field("features").shape), keras.layers.Flatten(),
                                       keras.layers.Dense(320)])  # labels are sample ids
             model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
             history = model.fit(feed.generator(), steps_per_epoch=feed.steps_per_epoch, epochs=2, verbose=0,

@@ -33,7 +33,7 @@ def test_shuffle_gives_every_sample_once_per_epoch(name):
     with Service(Config(batch_size=32, workers=2, name=name, seed=3), features=features,
                  labels=np.arange(n)) as svc, Feed(svc.endpoint) as feed:
         steps = feed.steps_per_epoch
-        assert steps == n // 32 and feed.spec.y_dtype == np.int64
+        assert steps == n // 32 and feed.spec.field("labels").dtype == np.int64
         batches = take(feed, 2 * steps)
     for epoch in range(2):
         ids = np.concatenate([y for _, y in batches[epoch * steps:(epoch + 1) * steps]])
@@ -134,9 +134,10 @@ def test_custom_op_end_to_end_matches_an_in_process_recomputation(name):
     assert x.max() <= 0.5 + 1e-6  # solarized above the threshold
     segment = f"ringfeed-{os.getpid()}-abcdef01-data"
     try:
-        maker = BatchMaker(config, publish(images, np.arange(64), segment))
-        ex, ey = np.empty_like(x), np.empty_like(y)
-        maker.make(1, 2, ex, ey)
+        maker = BatchMaker(config, publish({"features": images, "labels": np.arange(64)}, segment))
+        expected = maker.empty_batch()
+        maker.make(1, 2, expected)
+        ex, ey = expected["features"], expected["labels"]
     finally:
         os.unlink(f"/dev/shm/{segment}")
     assert ex.tobytes() == x.tobytes() and np.array_equal(ey, y)
@@ -154,9 +155,9 @@ def test_slots_written_with_streaming_stores_hold_the_batches_plain_stores_make(
             batches[streaming] = take(feed, 2 * feed.steps_per_epoch)
     segment = f"ringfeed-{os.getpid()}-abcdef02-data"
     try:
-        maker = BatchMaker(config, publish(images, np.arange(300), segment))
+        maker = BatchMaker(config, publish({"features": images, "labels": np.arange(300)}, segment))
         ex, ey = np.empty_like(batches[True][-1][0]), np.empty_like(batches[True][-1][1])  # numpy's: not streamed
-        maker.make(1, maker.sampler.steps_per_epoch - 1, ex, ey)
+        maker.make(1, maker.sampler.steps_per_epoch - 1, {"features": ex, "labels": ey})
     finally:
         os.unlink(f"/dev/shm/{segment}")
     for (x, y), (px, py) in zip(batches[True], batches[False]):
@@ -169,10 +170,11 @@ def test_batch_maker_streams_only_when_told_its_x_is_a_slot(monkeypatch):
     calls = spy_kernels(monkeypatch, "gather_convert", "gather_convert_streamed")
     segment = f"ringfeed-{os.getpid()}-abcdef03-data"
     try:
-        maker = BatchMaker(Config(batch_size=8, workers=1, augment=IMAGENET), publish(images, np.arange(64), segment))
-        x, y = aligned_empty((8, 24, 24, 3), np.float32), np.empty(8, np.int64)
+        maker = BatchMaker(Config(batch_size=8, workers=1, augment=IMAGENET),
+                           publish({"features": images, "labels": np.arange(64)}, segment))
+        batch = {"features": aligned_empty((8, 24, 24, 3), np.float32), "labels": np.empty(8, np.int64)}
         for stream in (True, False):
-            maker.make(0, 1, x, y, stream)
+            maker.make(0, 1, batch, stream)
     finally:
         os.unlink(f"/dev/shm/{segment}")
     assert calls == ["gather_convert_streamed", "gather_convert"]

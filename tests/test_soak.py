@@ -26,9 +26,9 @@ def _verifier(name):
 
 
 def _batch(v, seq):
-    x, y = np.empty_like(v.x), np.empty_like(v.y)
-    v.maker.make(*divmod(seq, v.steps), x, y)
-    return x, y
+    batch = v.maker.empty_batch()
+    v.maker.make(*divmod(seq, v.steps), batch)
+    return batch["features"], batch["labels"]
 
 
 def test_the_verifier_counts_duplicates_losses_and_corrupt_batches(name):

@@ -8,56 +8,67 @@ from loader_server.config import Config, ConfigError
 def test_folder_is_memory_mapped(tmp_path):
     np.save(tmp_path / "features.npy", np.zeros((10, 4, 4, 3), np.uint8))
     np.save(tmp_path / "labels.npy", np.arange(10))
-    features, labels = sources.load_path(str(tmp_path))
-    assert isinstance(features, np.memmap) and isinstance(labels, np.memmap)
+    np.save(tmp_path / "unused.npy", np.arange(3))
+    assert sources.field_names(str(tmp_path)) == ["features", "labels", "unused"]
+    fields = sources.load_path(str(tmp_path), ("features", "labels"))
+    assert list(fields) == ["features", "labels"]
+    assert all(isinstance(array, np.memmap) for array in fields.values())
 
 
 def test_npz_and_publish_round_trip(tmp_path):
     features = np.random.default_rng(0).random((12, 5), dtype=np.float32)
     labels = np.arange(12, dtype=np.int16).reshape(12, 1)
-    np.savez(tmp_path / "data.npz", features=features, labels=labels)
-    loaded = sources.load_path(str(tmp_path / "data.npz"))
+    weight = np.linspace(0, 1, 12)
+    np.savez(tmp_path / "data.npz", image=features, cls=labels, weight=weight)
+    loaded = sources.load_path(str(tmp_path / "data.npz"), ("image", "cls", "weight"))
     segment = shm.segment_name(1, "abcd", "data")
-    ref = sources.publish(*loaded, segment)
+    ref = sources.publish(loaded, segment)
     try:
-        f2, l2 = sources.open_ref(ref)
-        assert np.array_equal(f2, features) and np.array_equal(l2, labels) and l2.dtype == np.int16
-        assert not f2.flags.writeable
+        opened = sources.open_ref(ref)
+        assert list(opened) == ["image", "cls", "weight"]
+        assert np.array_equal(opened["image"], features) and np.array_equal(opened["cls"], labels)
+        assert opened["cls"].dtype == np.int16 and np.array_equal(opened["weight"], weight)
+        assert not opened["image"].flags.writeable
     finally:
         shm.unlink(segment)
 
 
-@pytest.mark.parametrize("features, labels, fragment", [
-    (np.zeros((4, 3, 3, 1), np.int16), np.zeros(4), "features dtype int16 is not supported"),
-    (np.zeros((4, 3, 3), np.uint8), np.zeros(4), "shaped (N, H, W, C) or (N, D), got shape (4, 3, 3)"),
-    (np.zeros((4, 3), np.uint8), np.zeros(5), "differ in length: 4 != 5"),
-    (np.zeros((4, 3), np.uint8), np.array(["a"] * 4), "labels must be a numeric array"),
-    (np.zeros((2, 3), np.uint8), np.zeros(2), "batch_size 3 is larger than the dataset (2 samples)"),
+@pytest.mark.parametrize("fields, fragment", [
+    ({"features": np.zeros((4, 3)), "labels": np.zeros(5)},
+     "fields differ in length: 'labels' has 5 samples, 'features' has 4"),
+    ({"features": np.zeros((4, 3)), "labels": np.array(["a"] * 4)},
+     "field 'labels' must be a numeric or bool array with one entry per sample, got dtype <U1"),
+    ({"features": np.zeros((4, 3)), "labels": np.array([None] * 4)}, "field 'labels' must be a numeric"),
+    ({"features": [[1, 2]] * 4, "labels": np.zeros(4)}, "field 'features' must be a numpy array, got list"),
+    ({"features": np.zeros((4, 3)), "labels": np.zeros((), np.float32)}, "field 'labels' must be a numeric or bool array"),
+    ({"features": np.zeros((4, 3)), "2nd": np.zeros(4)}, "field name '2nd' is not an identifier"),
+    ({"features": np.zeros((2, 3)), "labels": np.zeros(2)}, "batch_size 3 is larger than the dataset (2 samples)"),
 ])
-def test_validation_names_the_problem(features, labels, fragment):
+def test_validation_names_the_problem(fields, fragment):
     with pytest.raises(ConfigError) as err:
-        sources.validate(features, labels, batch_size=3)
+        sources.validate(fields, batch_size=3)
     assert fragment in str(err.value)
 
 
 def test_bad_paths(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        sources.load_path(str(tmp_path / "nope"))
-    with pytest.raises(ConfigError, match="has no features.npy"):
-        sources.load_path(str(tmp_path))
+        sources.load_path(str(tmp_path / "nope"), ("features", "labels"))
+    np.save(tmp_path / "labels.npy", np.arange(3))
+    with pytest.raises(ConfigError, match=r"has no field\(s\) \['features'\]; it has \['labels'\]"):
+        sources.load_path(str(tmp_path), ("features", "labels"))
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     with pytest.raises(ConfigError, match="not a readable .npz"):
-        sources.load_path(str(tmp_path / "broken.npz"))
+        sources.load_path(str(tmp_path / "broken.npz"), ("features",))
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
-    with pytest.raises(ConfigError, match=r"lacks array\(s\) \['features', 'labels'\]"):
-        sources.load_path(str(tmp_path / "other.npz"))
+    with pytest.raises(ConfigError, match=r"has no field\(s\) \['features', 'labels'\]; it has \['x'\]"):
+        sources.load_path(str(tmp_path / "other.npz"), ("features", "labels"))
 
 
 def test_a_fortran_ordered_npy_is_refused_by_name(tmp_path):
     np.save(tmp_path / "features.npy", np.asfortranarray(np.zeros((10, 4, 4, 3), np.uint8)))
     np.save(tmp_path / "labels.npy", np.arange(10))
     with pytest.raises(ConfigError, match=r"features.npy is stored in Fortran order; expected C order"):
-        sources.load_path(str(tmp_path))
+        sources.load_path(str(tmp_path), ("features", "labels"))
 
 
 def test_private_data_gives_a_worker_its_own_copy_and_is_refused_past_half_the_memory():
@@ -65,10 +76,10 @@ def test_private_data_gives_a_worker_its_own_copy_and_is_refused_past_half_the_m
 
     features = np.random.default_rng(0).integers(0, 255, (16, 4, 4, 3), np.uint8)
     segment = shm.segment_name(1, "abce", "data")
-    ref = sources.publish(features, np.arange(16), segment)
+    ref = sources.publish({"features": features, "labels": np.arange(16)}, segment)
     try:
-        shared = BatchMaker(Config(batch_size=4, workers=1), ref).features
-        private = BatchMaker(Config(batch_size=4, workers=1, private_data=True), ref).features
+        shared = BatchMaker(Config(batch_size=4, workers=1), ref).fields["features"]
+        private = BatchMaker(Config(batch_size=4, workers=1, private_data=True), ref).fields["features"]
         assert not shared.flags.owndata and private.flags.owndata and not private.flags.writeable
         assert np.array_equal(private, features)
         del shared, private

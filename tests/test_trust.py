@@ -26,6 +26,7 @@ from client import Feed, protocol
 from client.errors import RingfeedError, ServerGoneError
 from client.mailbox import mailbox_bytes
 from client.paths import SHM_DIR, ensure_runtime_dir, pid_namespace, pid_namespace_id, read_state_file
+from client.structure import Structure
 from conftest import free_port
 from loader_server import Config, Service, background
 
@@ -177,6 +178,20 @@ def _field(key, value, *, layout=True):
     return case
 
 
+def _slot_field(position, key, value, names):
+    """A case that sets ``key`` of the layout's field ``position`` to ``value``; the error names ``names``."""
+    def case(welcome, decoy, victim, request):
+        layout = welcome["layout"]
+        layout["fields"][position][key] = value(layout) if callable(value) else value
+        return decoy, names
+    return case
+
+
+def _unknown_input(welcome, decoy, victim, request):
+    welcome["structure"]["inputs"] = "image"
+    return decoy, "'image'"
+
+
 HOSTILE = {
     "segment outside /dev/shm via ../": _dotdot,
     "segment a symlink to a victim": _symlink,
@@ -188,9 +203,11 @@ HOSTILE = {
     "token mismatch": _field("token", lambda layout: "%032x" % (int(layout["token"], 16) ^ 1)),
     "mailbox offset outside the header": _field("mailbox_offset", lambda layout: layout["header"]),
     "credit above what was asked": _field("credit", PREFETCH + 1, layout=False),
-    "object dtype": _field("x_dtype", "|O"),
-    "string dtype": _field("y_dtype", "<U4"),
-    "x region outside the slot": _field("x_offset", lambda layout: layout["slot_bytes"]),
+    "object dtype": _slot_field(0, "dtype", "|O", "fields[0]"),
+    "string dtype": _slot_field(1, "dtype", "<U4", "fields[1]"),
+    "field region outside the slot": _slot_field(0, "offset", lambda layout: layout["slot_bytes"], "slot_bytes"),
+    "fields overlapping": _slot_field(1, "offset", lambda layout: layout["fields"][0]["offset"], "overlap"),
+    "structure naming a field not in the layout": _unknown_input,
 }
 MAPPING_CASES = ["segment a symlink to a victim", "segment owned by another uid", "segment writable by group",
                  "token mismatch"]  # found out only by opening the file
@@ -215,6 +232,7 @@ def test_the_real_welcome_and_the_base_one_pass(real_welcome, base_welcome):
     for welcome in (real_welcome, base_welcome):
         parsed = protocol.parse_welcome([protocol.WELCOME, json.dumps(welcome).encode()], PREFETCH)
         assert parsed.layout.segment == welcome["layout"]["segment"]
+        assert parsed.layout.names == ("features", "labels") and parsed.structure == Structure()
         assert parsed.layout.token == bytes.fromhex(welcome["layout"]["token"])
         assert parsed.credit == welcome["credit"] and parsed.mailbox == tuple(welcome["mailbox"])
     differing = {k for k in real_welcome["layout"] if real_welcome["layout"][k] != base_welcome["layout"][k]}
@@ -262,6 +280,20 @@ def test_a_batch_descriptor_outside_the_ring_is_refused(base_welcome, decoy):
             feed.close()
 
 
+def test_a_batch_frame_of_the_wrong_size_is_refused_naming_its_field(base_welcome):
+    fields = base_welcome["layout"]["fields"]
+    sizes = [int(np.prod(f["shape"])) * np.dtype(f["dtype"]).itemsize for f in fields]
+    short = [*protocol.batch(protocol.BatchMsg(0, 0, 0, 0, 0)), *(bytes(n) for n in sizes[:-1]), bytes(sizes[-1] - 1)]
+    with FakeServer(base_welcome, after_mode=short) as server:
+        feed = Feed(server.endpoint, timeout_s=5.0, prefetch=PREFETCH, transport="frames")
+        try:
+            with pytest.raises(protocol.ProtocolError, match=f"field '{fields[-1]['name']}' is {sizes[-1] - 1} "
+                                                             f"bytes, expected {sizes[-1]}"):
+                feed.next_batch()
+        finally:
+            feed.close()
+
+
 @pytest.mark.parametrize("case", MAPPING_CASES)
 def test_auto_transport_declines_an_untrusted_segment_for_frames(case, base_welcome, decoy, victim, request):
     """transport="auto" maps only a segment it trusts; else the batches come as frames."""
@@ -276,49 +308,84 @@ def test_auto_transport_declines_an_untrusted_segment_for_frames(case, base_welc
 
 # -- parse_welcome field by field ------------------------------------------------------
 
+def _set(path: str, value, names: str | None = None):
+    """A case that sets (``value`` None: deletes) WELCOME's ``path``, keys and list positions joined
+    by dots; the error names ``names``, by default the last key."""
+    *parents, last = [int(key) if key.isdigit() else key for key in path.split(".")]
+
+    def case(welcome):
+        obj = welcome
+        for key in parents:
+            obj = obj[key]
+        if value is None:
+            del obj[last]
+        else:
+            obj[last] = value(welcome) if callable(value) else value
+        return names or last
+    return case
+
+
+def _unused_field(welcome):
+    layout = welcome["layout"]
+    layout["fields"].append({"name": "extra", "offset": layout["slot_bytes"] - 64, "shape": [4], "dtype": "|u1"})
+    return "'extra'"
+
+
 PARSE_CASES = {
-    "missing key": ("steps_per_epoch", None),
-    "bool as int": ("batch_size", True),
-    "float as int": ("samples", 16.0),
-    "zero heartbeat": ("heartbeat_s", 0),
-    "hour-long heartbeat": ("heartbeat_s", 3601),
-    "credit zero": ("credit", 0),
-    "ordered not a bool": ("ordered", 1),
-    "mailbox index past the mailboxes": ("mailbox", lambda w: [w["layout"]["mailboxes"], 1]),
-    "mailbox token zero": ("mailbox", [0, 0]),
-    "mailbox token too big": ("mailbox", [0, 1 << 63]),
-    "layout not an object": ("layout", []),
-    "segment a data segment": ("layout.segment", lambda w: w["layout"]["segment"][:-4] + "data"),
-    "segment with a trailing newline": ("layout.segment", lambda w: w["layout"]["segment"] + "\n"),
-    "token with a trailing newline": ("layout.token", lambda w: w["layout"]["token"][:-1] + "\n"),
-    "no slots": ("layout.slots", 0),
-    "too many slots": ("layout.slots", 65537),
-    "capacity not slots": ("layout.mailbox_capacity", lambda w: w["layout"]["slots"] + 1),
-    "unaligned header": ("layout.header", lambda w: w["layout"]["header"] + 8),
-    "unaligned x_offset": ("layout.x_offset", 8),
-    "x and y overlapping": ("layout.y_offset", 0),
-    "y shape not starting with the batch": ("layout.y_shape", [5]),
-    "x shape with 9 dimensions": ("layout.x_shape", [4] + [1] * 8),
-    "negative dimension": ("layout.x_shape", [4, -3]),
-    "dtype record": ("layout.x_dtype", "|V12"),
-    "dtype long double": ("layout.x_dtype", "<f16"),
-    "mailbox offset inside the token": ("layout.mailbox_offset", 0),
+    "missing key": _set("steps_per_epoch", None),
+    "bool as int": _set("batch_size", True),
+    "float as int": _set("samples", 16.0),
+    "zero heartbeat": _set("heartbeat_s", 0),
+    "hour-long heartbeat": _set("heartbeat_s", 3601),
+    "credit zero": _set("credit", 0),
+    "ordered not a bool": _set("ordered", 1),
+    "mailbox index past the mailboxes": _set("mailbox", lambda w: [w["layout"]["mailboxes"], 1]),
+    "mailbox token zero": _set("mailbox", [0, 0]),
+    "mailbox token too big": _set("mailbox", [0, 1 << 63]),
+    "layout not an object": _set("layout", []),
+    "segment a data segment": _set("layout.segment", lambda w: w["layout"]["segment"][:-4] + "data"),
+    "segment with a trailing newline": _set("layout.segment", lambda w: w["layout"]["segment"] + "\n"),
+    "token with a trailing newline": _set("layout.token", lambda w: w["layout"]["token"][:-1] + "\n"),
+    "no slots": _set("layout.slots", 0),
+    "too many slots": _set("layout.slots", 65537),
+    "capacity not slots": _set("layout.mailbox_capacity", lambda w: w["layout"]["slots"] + 1),
+    "unaligned header": _set("layout.header", lambda w: w["layout"]["header"] + 8),
+    "mailbox offset inside the token": _set("layout.mailbox_offset", 0),
+    "no fields": _set("layout.fields", [], "'fields'"),
+    "fields not a list": _set("layout.fields", {}, "'fields'"),
+    "a field not an object": _set("layout.fields.0", "features", "fields[0]"),
+    "a field with an unknown key": _set("layout.fields.0.stride", 8, "fields[0]"),
+    "unaligned field offset": _set("layout.fields.0.offset", 8, "fields[0] ('features'): field 'offset'"),
+    "fields overlapping": _set("layout.fields.1.offset", 0, "'labels' [0, 32) and 'features' [0, 48) overlap"),
+    "field region outside the slot": _set("layout.fields.1.offset", lambda w: w["layout"]["slot_bytes"],
+                                          "field 'labels'"),
+    "field shape not starting with the batch": _set("layout.fields.1.shape", [5], "fields[1] ('labels'): "
+                                                    "field 'shape' must start with batch_size 4"),
+    "field shape with 9 dimensions": _set("layout.fields.0.shape", [4] + [1] * 8, "fields[0] ('features')"),
+    "negative dimension": _set("layout.fields.0.shape", [4, -3], "fields[0] ('features')"),
+    "dtype record": _set("layout.fields.0.dtype", "|V12", "fields[0] ('features'): field 'dtype'"),
+    "dtype long double": _set("layout.fields.0.dtype", "<f16", "fields[0] ('features'): field 'dtype'"),
+    "dtype object": _set("layout.fields.1.dtype", "|O", "fields[1] ('labels'): field 'dtype'"),
+    "dtype string": _set("layout.fields.1.dtype", "<U4", "fields[1] ('labels'): field 'dtype'"),
+    "duplicate field name": _set("layout.fields.1.name", "features", "fields[1]: field 'name' 'features'"),
+    "field name not an identifier": _set("layout.fields.0.name", "../x", "fields[0]: field 'name'"),
+    "field name a number": _set("layout.fields.0.name", 7, "fields[0]: field 'name'"),
+    "missing structure": _set("structure", None),
+    "structure not an object": _set("structure", "features", "'structure'"),
+    "structure with an unknown role": _set("structure.weights", "labels", "WELCOME structure"),
+    "structure naming a field not in the layout": _set("structure.targets", ["labels", "boxes"], "'boxes'"),
+    "structure using a field twice": _set("structure.sample_weight", "labels", "'labels'"),
+    "layout field the structure does not use": _unused_field,
 }
 
 
 @pytest.mark.parametrize("case", list(PARSE_CASES))
 def test_parse_welcome_names_the_field_it_refuses(case, real_welcome):
-    key, value = PARSE_CASES[case]
     welcome = copy.deepcopy(real_welcome)
-    obj, field = (welcome["layout"], key[7:]) if key.startswith("layout.") else (welcome, key)
-    if value is None:
-        del obj[field]
-    else:
-        obj[field] = value(welcome) if callable(value) else value
+    names = PARSE_CASES[case](welcome)
     with pytest.raises(protocol.ProtocolError) as caught:
         protocol.parse_welcome([protocol.WELCOME, json.dumps(welcome).encode()], PREFETCH)
-    message = str(caught.value)
-    assert field in message or (field == "y_offset" and "x_offset" in message)
+    assert names in str(caught.value)
 
 
 @pytest.mark.parametrize("body", [b'{"batch_size": ' + b"1" * 5000 + b"}", b"[" * 30000 + b"]" * 30000,

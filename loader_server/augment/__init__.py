@@ -2,5 +2,6 @@
 
 from .ops import OPS
 from .pipeline import Pipeline
+from .sample import SamplePipeline
 
-__all__ = ["OPS", "Pipeline"]
+__all__ = ["OPS", "Pipeline", "SamplePipeline"]

@@ -265,14 +265,22 @@ class Custom(Op):
         select(self.fn, compiled)(x, keys, self.params)
 
 
-def load_function(where: str, target: str):
+def import_target(where: str, target) -> object:
+    """The object ``target`` ('package.module:name') names; a ``ConfigError`` naming it if none."""
+    if not isinstance(target, str):
+        raise ConfigError(f"{where}: fn must be a string 'package.module:function', got {target!r}")
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"{where}: fn must look like 'package.module:function', got {target!r}")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{where}: cannot import fn {target!r}: {exc}") from None
+        raise ConfigError(f"{where}: cannot import fn {target!r}: {exc} (the module must be "
+                          "importable by the server and its workers: installed, or on PYTHONPATH)") from None
+
+
+def load_function(where: str, target: str):
+    fn = import_target(where, target)
     if not isinstance(fn, CPUDispatcher):
         raise ConfigError(f"{where}: fn {target!r} must be a numba @njit function, "
                           f"got {type(fn).__name__}")

@@ -1,4 +1,7 @@
-"""Compose ``[[augment]]`` ops into one pass that writes into a ring slot.
+"""One field's numba ops, composed into one pass that writes into a ring slot.
+
+A field takes ops if it is uint8 or float32 and each sample is (H, W, C),
+(H, W) (run as one channel) or (D,) (run as a 1x1 image of D channels).
 
 Geometry ops (crops, flips) come first and are fused into a single gather
 from the dataset, by sample index, straight into the slot. If the first pixel
@@ -23,20 +26,40 @@ from .ops import OPS, Frame, GeoMap, Normalize, Op
 from .streaming import rows_aligned
 
 
+OP_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
+
+
+def takes_ops(shape: tuple, dtype) -> bool:
+    """Whether a field of per-sample ``shape`` and ``dtype`` can go through these kernels."""
+    return np.dtype(dtype) in OP_DTYPES and len(shape) in (1, 2, 3)
+
+
 class Pipeline:
-    def __init__(self, specs, feature_shape: tuple, feature_dtype, compiled: bool = True):
+    """The ops of one field. ``positions``: each spec's place in the whole ``[[augment]]`` list,
+    which names it in errors and keys its random choices (default: 0, 1, ...)."""
+
+    def __init__(self, specs, feature_shape: tuple, feature_dtype, compiled: bool = True,
+                 positions=None, field: str | None = None):
         self.compiled = compiled
         self.feature_dtype = np.dtype(feature_dtype)
-        image = len(feature_shape) == 3
-        frame = Frame(*feature_shape, image=True) if image else Frame(1, 1, feature_shape[0], False)
+        specs = list(specs)
+        positions = range(len(specs)) if positions is None else positions
+        if specs and not takes_ops(feature_shape, self.feature_dtype):
+            raise ConfigError(f"augment[{positions[0]}] ({specs[0].get('op')}): field {field!r} has per-sample "
+                              f"shape {tuple(feature_shape)} and dtype {self.feature_dtype}; ops take "
+                              "(H, W, C), (H, W) or (D,) of uint8 or float32")
+        image = len(feature_shape) >= 2
+        self._channels_axis = len(feature_shape) == 3  # (H, W) fields run as (H, W, 1)
+        frame = (Frame(*feature_shape[:2], feature_shape[2] if self._channels_axis else 1, image=True)
+                 if image else Frame(1, 1, feature_shape[0], False))
         self.ops: list[Op] = []
         seen_pixel_op = None
-        for position, spec in enumerate(specs):
+        for position, spec in zip(positions, specs):
             spec = dict(spec)
             name = spec.pop("op")
-            where = f"augment[{position}] ({name})"
+            where = f"augment[{position}] ({name})" if field is None else f"augment[{position}] ({name} on {field!r})"
             if name not in OPS:
-                raise ConfigError(f"{where}: unknown op {name!r}; known ops are {sorted(OPS)}")
+                raise ConfigError(f"{where}: unknown op {name!r}; known ops are {sorted([*OPS, 'python'])}")
             op = OPS[name](where, spec, frame, position)
             if op.geometry and seen_pixel_op:
                 raise ConfigError(f"{where}: geometry ops must come before pixel ops, "
@@ -55,7 +78,10 @@ class Pipeline:
             self.scale, self.shift = self.scale * scale, shift
         self.pixel = pixel
         self.out_dtype = np.dtype(np.float32) if self.float_out else self.feature_dtype
-        self.out_shape = (frame.h, frame.w, frame.c) if image else (frame.c,)
+        if not image:
+            self.out_shape = (frame.c,)
+        else:
+            self.out_shape = (frame.h, frame.w, frame.c) if self._channels_axis else (frame.h, frame.w)
         self._frame = frame
 
     def run(self, features: np.ndarray, idx: np.ndarray, keys: np.ndarray, out: np.ndarray,
@@ -69,7 +95,10 @@ class Pipeline:
             raise ValueError("Pipeline.run needs C-contiguous features and out, got "
                              f"{features.flags.c_contiguous} and {out.flags.c_contiguous}")
         batch = len(idx)
-        src = features if features.ndim == 4 else features.reshape(len(features), 1, 1, -1)
+        if self._frame.image:  # an (H, W) field runs as (H, W, 1)
+            src = features.reshape(*features.shape[:3], -1)
+        else:
+            src = features.reshape(len(features), 1, 1, -1)
         dst = out.reshape(batch, self._frame.h, self._frame.w, self._frame.c)
         geo = GeoMap.identity(batch)
         for op in self.geometry:
