@@ -83,7 +83,7 @@ def test_throughput_measures_every_contender(throughput, out):
     torch_names = {"torch-per-sample", "torch-numba-batch"}
     expected = {"classic-generator", "numba-1-thread", "numba-all-cores", "tf.data", "keras-pydataset"} \
         | ringfeed_names("generator", "tf-dataset") \
-        | {f"ringfeed-{kind}-generator-w{os.cpu_count()}" for kind in ("private", "plain-stores")}
+        | {f"ringfeed-{kind}-generator-w{CORES}" for kind in ("private", "plain-stores", "multi-field", "python-op")}
     measured = {row["name"]: row for row in throughput["contenders"]}
     skipped = {row["name"] for row in throughput["skipped"]}
     if importlib.util.find_spec("torch") is None:
@@ -96,8 +96,32 @@ def test_throughput_measures_every_contender(throughput, out):
         assert row["median_samples_per_s"] > 0 and row["median_mb_per_s"] > 0 and row["ratio_to_tf_data"] > 0
         assert len(row["rounds"]) == QUICK_ROUNDS
         assert all(r["samples_per_s"] > 0 and r["batches"] > 0 for r in row["rounds"])
+        x = row["delivered"].get("x", row["delivered"].get("x.features"))
+        assert x == [[256, 56, 56, 3], "float32"], row["name"]
     assert measured["tf.data"]["ratio_to_tf_data"] == pytest.approx(1.0)
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_throughput_compares_fields_python_op_and_per_sample_cost(throughput):
+    multi = next(r for r in throughput["contenders"] if r["name"] == f"ringfeed-multi-field-generator-w{CORES}")
+    assert multi["delivered"] == {"x.features": [[256, 56, 56, 3], "float32"], "x.meta": [[256, 16], "float32"],
+                                  "y": [[256], "int64"], "w": [[256], "float32"]}
+    comparisons = {c["contender"]: c for c in throughput["comparisons"]}
+    assert set(comparisons) == {f"ringfeed-{kind}-w{CORES}" for kind in ("multi-field-generator", "generator",
+                                                                         "python-op-generator")}
+    torch = importlib.util.find_spec("torch") is not None
+    for name, c in comparisons.items():
+        if c["reference"] == "torch-per-sample" and not torch:
+            assert c["ratio"] is None
+        else:  # a positive number: how fast is for the full run to say, never for a test
+            assert c["ratio"] > 0 and c["median_round_ratio"] > 0 and c["target"] > 0
+    cost = throughput["per_sample_cost"]
+    rows = {row["name"]: row for row in cost["rows"]}
+    assert set(rows) == {"per-sample-numba", "per-sample-python-op", "per-sample-python-fn"}
+    for row in rows.values():
+        assert row["median_us_per_sample"] > 0 and len(row["rounds"]) == QUICK_ROUNDS
+        assert row["delivered"] == {"x": [[256, 56, 56, 3], "float32"]}
+    assert cost["python_op_over_numba"] > 0
 
 
 def test_fit_measures_every_input(fit):

@@ -155,3 +155,57 @@ def test_a_python_op_that_fails_later_costs_that_batch_only_and_names_the_field(
     message = str(errors[0])
     assert "field 'features' with shape (7, 8, 3) and dtype uint8; expected shape (8, 8, 3)" in message
     assert errors[0].details["sample"] == 13
+
+
+@pytest.mark.parametrize("kind", ["folder", "npz"])
+def test_fields_from_files_a_folder_of_npy_or_an_npz_with_any_names(name, tmp_path, kind):
+    data = _dataset(40, 8)
+    if kind == "folder":
+        for field, array in data.items():
+            np.save(tmp_path / f"{field}.npy", array)
+        path = str(tmp_path)
+    else:
+        path = str(tmp_path / "set.npz")
+        np.savez(path, **data)
+    config = Config(data=path, batch_size=8, workers=1, name=name, inputs=["image", "meta"], targets="cls",
+                    sample_weight="weight")
+    with Service(config) as svc, Feed(svc.endpoint) as feed:
+        x, y, w = feed.next_batch()
+    rows = [int(np.flatnonzero((data["meta"] == m).all(1))[0]) for m in x["meta"]]
+    assert np.array_equal(x["image"], data["image"][rows]) and np.array_equal(y, data["cls"][rows])
+    assert np.array_equal(w, data["weight"][rows])
+
+
+def test_files_with_fields_of_different_lengths_are_refused_naming_both(name, tmp_path):
+    np.save(tmp_path / "features.npy", np.zeros((40, 3), np.float32))
+    np.save(tmp_path / "labels.npy", np.zeros(39))
+    with pytest.raises(ConfigError, match="fields differ in length: 'labels' has 39 samples, 'features' has 40"):
+        Service(Config(data=str(tmp_path), batch_size=8, workers=1, name=name)).start()
+
+
+def _flat(element):
+    """An element's arrays in a fixed order, as bytes."""
+    parts = [part if isinstance(part, dict) else {"": part} for part in element]
+    return [np.ascontiguousarray(part[key]).tobytes() for part in parts for key in sorted(part)]
+
+
+def test_fan_in_and_resume_give_the_one_server_stream_for_every_field(name):
+    data = _dataset(64, 8)
+    config = Config(batch_size=8, workers=1, seed=4, inputs=["image", "meta"], targets=["cls", "box"],
+                    sample_weight="weight", augment=[{"op": "random_crop", "size": 6, "fields": ["image"]}])
+    with Service(config.with_overrides(name=f"{name}a"), fields=data) as a, \
+            Service(config.with_overrides(name=f"{name}b"), fields=data) as b:
+        with Feed(a.endpoint, start=(1, 3)) as one:
+            expected = [_flat(one.next_batch(copy=True)) for _ in range(10)]
+        with Feed([a.endpoint, b.endpoint], start=(1, 3), transport="frames") as both:
+            assert [_flat(both.next_batch()) for _ in range(10)] == expected
+
+
+def test_on_error_skip_replaces_the_sample_a_python_op_fails_on(name):
+    images, labels = rgb_images(64, 8), np.arange(64)
+    augment = [{"op": "python", "fn": "python_ops:fails_on", "kwargs": {"label": 13}}]
+    config = Config(batch_size=8, workers=1, name=name, seed=3, augment=augment, on_error="skip")
+    with Service(config, features=images, labels=labels) as svc, Feed(svc.endpoint) as feed:
+        ids = np.concatenate([feed.next_batch(copy=True)[1] for _ in range(feed.steps_per_epoch)])
+        skipped = query_status(svc.endpoint)["samples_skipped"]
+    assert 13 not in ids and len(ids) == 64 and skipped == 1

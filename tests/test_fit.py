@@ -90,8 +90,9 @@ def test_a_two_input_two_output_model_fits_with_sample_weights_that_reach_the_lo
             x_spec, y_spec, w_spec = feed.as_tf_dataset().element_spec
             assert set(x_spec) == {"image", "meta"} and set(y_spec) == {"cls", "box"}
             assert x_spec["image"].name == "image" and w_spec.name == "weight" and w_spec.shape == (16,)
-            first = model.fit(feed.generator(), steps_per_epoch=8, epochs=3, verbose=0).history["loss"]
-            second = model.fit(feed.as_tf_dataset(), steps_per_epoch=8, epochs=1, verbose=0).history["loss"]
+            first = model.fit(feed.generator(), steps_per_epoch=8, epochs=3, verbose=0, shuffle=False).history["loss"]
+            second = model.fit(feed.as_tf_dataset(), steps_per_epoch=8, epochs=1, verbose=0,
+                               shuffle=False).history["loss"]
         losses[weight] = first + second
     assert all(loss > 0 for loss in losses[1.0]) and losses[1.0][-1] < losses[1.0][0]
     assert losses[0.0] == [0.0] * 4  # every sample weighted 0: nothing reaches the loss

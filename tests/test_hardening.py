@@ -203,8 +203,10 @@ def test_a_paused_tcp_feed_continues_with_the_next_batch(name, tmp_path, pause):
     script = tmp_path / "reader.py"
     script.write_text(_PAUSING_READER)
     with Service(config, features=images, labels=labels) as svc:
+        # Unbuffered: a buffered readline may read past the sixth line, and communicate() reads
+        # the pipe itself, so a line read ahead would be lost to the comparison below.
         reader = subprocess.Popen([sys.executable, str(script), svc.endpoint, str(count), pause],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
         try:
             lines = [json.loads(reader.stdout.readline()) for _ in range(6)]
             if pause == "sigstop":
@@ -214,7 +216,7 @@ def test_a_paused_tcp_feed_continues_with_the_next_batch(name, tmp_path, pause):
             out, err = reader.communicate(timeout=60)
         finally:
             reader.kill()
-    assert reader.returncode == 0, err
+    assert reader.returncode == 0, err.decode()
     lines += [json.loads(line) for line in out.splitlines()]
     steps = len(images) // config.batch_size
     assert [tuple(line["at"]) for line in lines] == [divmod(seq, steps) for seq in range(count)]

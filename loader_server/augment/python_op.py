@@ -1,7 +1,8 @@
 """``op = "python"``: a plain Python function over each sample, run in the workers.
 
 ``fn(sample, rng, **kwargs) -> sample``: ``sample`` is a dict of the sample's
-fields as numpy arrays (read-only views: return new arrays), ``rng`` a
+fields as numpy arrays (views of the dataset, which are read-only, or of the
+stage before: return new arrays rather than writing into them), ``rng`` a
 ``numpy.random.Generator`` keyed by (the sample's counter-based key, the op's
 position), that is by (seed, epoch, batch index, position in the batch): the
 stream stays a pure function of the seed for any worker count, and a batch
