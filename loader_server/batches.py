@@ -47,7 +47,7 @@ class BatchMaker:
                                config.steps_per_epoch)
         inputs = structure.inputs
         self.pipeline = SamplePipeline(config.augment, self.fields, inputs if isinstance(inputs, str) else inputs[0],
-                                       config.jit, sample_keys(config.seed, 0, 0, 1)[0])
+                                       config.jit, sample_keys(config.seed, 0, 0, 1)[0], config.image_channels)
         self._one = None
 
     def empty_batch(self, batch: int | None = None) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The ``ringfeed`` command: serve, start, stop, status, cleanup, demo."""
+"""The ``ringfeed`` command: serve, start, stop, status, cleanup, keys, pack, demo."""
 
 from __future__ import annotations
 
@@ -139,6 +139,31 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def cmd_pack(args) -> int:
+    from .pack import pack
+    from .packfile import PackError
+
+    try:
+        stats = pack(args.src, args.out, max_side=args.max_side, reencode_png=args.reencode_png,
+                     progress=not args.no_progress)
+    except PackError as exc:
+        raise ConfigError(str(exc)) from None
+    except KeyboardInterrupt:
+        print(f"ringfeed: pack interrupted; {args.out} was not written", file=sys.stderr)
+        return 130
+    reencoded = f", {stats['reencoded']:,} re-encoded" if stats["reencoded"] else ""
+    print(f"packed {stats['samples']:,} samples into {args.out}: {_size(stats['bytes'])} "
+          f"in {stats['seconds']:.1f} s{reencoded}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -171,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="generate CURVE keys for a server and a client")
     p.add_argument("dir", help="folder for the key files")
     p.set_defaults(fn=cmd_keys)
+    p = sub.add_parser("pack", help="pack an image folder, list file, .npy folder or .npz into one "
+                       "random-access file that workers memory-map")
+    p.add_argument("src", help="an image folder (one subfolder per class), a .csv list file of "
+                   "path,label rows, a folder of .npy fields, or an .npz")
+    p.add_argument("out", help="the pack file to write (replaced only once it is complete)")
+    p.add_argument("--max-side", type=int, default=None, metavar="N",
+                   help="re-encode images whose longer side exceeds N as JPEG quality 90, resized "
+                   "so that side is N; smaller images are stored unchanged (default: store every "
+                   "image unchanged)")
+    p.add_argument("--reencode-png", action="store_true",
+                   help="re-encode PNGs as JPEG quality 90 (RGB) (default: keep their bytes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one on stderr, with "
+                   "the rate and the time left)")
+    p.set_defaults(fn=cmd_pack)
     p = sub.add_parser("demo", help="train a small convnet on scikit-learn's digits through ringfeed")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--workers", type=int, default=None)

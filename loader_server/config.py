@@ -20,6 +20,7 @@ SAMPLING_MODES = ("shuffle", "replacement")
 # this, a busy client could be cut.
 MIN_INBOUND_BYTES_PER_S = 64 * 1024
 ON_ERROR_MODES = ("raise", "skip")
+IMAGE_CHANNELS = (1, 3)
 
 
 class ConfigError(ValueError):
@@ -39,9 +40,10 @@ def _check_number(name: str, value: Any, minimum_exclusive: float) -> None:
 @dataclass(frozen=True)
 class Config:
     data: str | None = None
-    inputs: str | tuple = DEFAULT_INPUTS
-    targets: str | tuple = DEFAULT_TARGETS
+    inputs: str | tuple | None = None  # None: "features", or "image" for a dataset of image files
+    targets: str | tuple | None = None  # None: "labels", or "label" for a dataset of image files
     sample_weight: str | None = None
+    image_channels: int = 3
     batch_size: int = 32
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     slots: int | None = None
@@ -117,12 +119,13 @@ class Config:
             path = getattr(self, option)
             if path is not None and not Path(path).exists():
                 raise ConfigError(f"{option} {path!r} does not exist (make keys with: ringfeed keys DIR)")
-        try:
-            structure = Structure(self.inputs, self.targets, self.sample_weight)
-        except StructureError as exc:
-            raise ConfigError(str(exc)) from None
+        if self.image_channels not in IMAGE_CHANNELS:
+            raise ConfigError(f"image_channels must be one of {IMAGE_CHANNELS} (grayscale or RGB), "
+                              f"got {self.image_channels!r}")
+        structure = self.structure
         for role in ("inputs", "targets"):  # TOML gives lists; a frozen config holds tuples
-            object.__setattr__(self, role, getattr(structure, role))
+            if getattr(self, role) is not None:
+                object.__setattr__(self, role, getattr(structure, role))
         augment = tuple(self.augment)
         for i, spec in enumerate(augment):
             if not isinstance(spec, dict) or not isinstance(spec.get("op"), str):
@@ -132,7 +135,11 @@ class Config:
     @property
     def structure(self) -> Structure:
         """Which fields the trainer receives, and where: ``(x, y)`` or ``(x, y, w)``."""
-        return Structure(self.inputs, self.targets, self.sample_weight)
+        try:
+            return Structure(DEFAULT_INPUTS if self.inputs is None else self.inputs,
+                             DEFAULT_TARGETS if self.targets is None else self.targets, self.sample_weight)
+        except StructureError as exc:
+            raise ConfigError(str(exc)) from None
 
     def with_overrides(self, **overrides: Any) -> "Config":
         """A copy with the given options replaced; ``None`` values are ignored."""

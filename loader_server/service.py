@@ -130,19 +130,24 @@ def _unlink_if_ours(path: Path, file_id: shm.FileId) -> None:
         log.info("left %s alone: it is no longer the file this server made", path)
 
 
-def prepare_source(config: Config, token: str) -> tuple[sources.SourceRef, list[str]]:
-    """Open and validate ``config.data``; return how workers find it and the segments to unlink."""
+def prepare_source(config: Config, token: str) -> tuple[Config, sources.SourceRef, list[str]]:
+    """Open and validate ``config.data``; return the config with its default fields named, how
+    workers find the data, and the segments to unlink."""
     if config.data is None:
         raise ConfigError("no data: give --data PATH (a folder of .npy files, one per field, such as "
-                          "features.npy and labels.npy, or an .npz file)")
-    sources.check_structure(config.structure, sources.field_names(config.data), f"data {config.data!r}")
+                          "features.npy and labels.npy, an .npz file, an image folder or a packed file)")
+    available = sources.field_names(config.data)
+    config = sources.with_default_roles(config, available)
+    sources.check_structure(config.structure, available, f"data {config.data!r}")
     fields = sources.load_path(config.data, config.structure.names)
     sources.validate_for(config, fields)
+    path = Path(config.data)
+    if sources.is_pack(path):
+        return config, sources.SourceRef(pack=str(path), pack_fields=tuple(fields)), []
     if all(isinstance(array, np.memmap) for array in fields.values()):
-        path = Path(config.data)
-        return sources.SourceRef(paths=tuple((name, str(path / f"{name}.npy")) for name in fields)), []
+        return config, sources.SourceRef(paths=tuple((name, str(path / f"{name}.npy")) for name in fields)), []
     segment = shm.segment_name(os.getpid(), token, "data")
-    return sources.publish(fields, segment), [segment]
+    return config, sources.publish(fields, segment), [segment]
 
 
 def _first_batch(config: Config, maker: BatchMaker) -> None:
@@ -180,7 +185,7 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
     frontend = pool = ring = broker = authenticator = guard = None
     try:
         if source is None:
-            source, owned = prepare_source(config, token)
+            config, source, owned = prepare_source(config, token)
         maker = BatchMaker(replace(config, private_data=False), source)  # workers make the copies
         _first_batch(config, maker)
         layout = plan_layout(shm.segment_name(os.getpid(), token, "ring"), config.slots,
@@ -307,6 +312,7 @@ class Service:
     def start(self) -> "Service":
         source = None
         if self._fields is not None:
+            self.config = sources.with_default_roles(self.config, self._fields)
             sources.validate_for(self.config, self._fields)
             used = {name: self._fields[name] for name in self.config.structure.names}
             segment = shm.segment_name(os.getpid(), secrets.token_hex(4), "data")

@@ -1,11 +1,15 @@
 """Datasets of named fields: load, validate, and share with workers without a copy per process.
 
-A dataset is a set of fields, each an array with one entry per sample (the
-same first dimension for all). A folder holds one ``.npy`` file per field,
-named after the file, and is memory-mapped by each worker; an ``.npz`` file's
-arrays are fields by their names, and they, like in-memory arrays, are copied
-once into a shared data segment, which every worker maps. Only the fields a
-config uses are opened. An ``.npz`` file's member headers are read first, so
+A dataset is a set of fields with one entry per sample each (the same number
+for all): arrays, or encoded images. A folder holds one ``.npy`` file per
+field, named after the file, and is memory-mapped by each worker; an ``.npz``
+file's arrays are fields by their names, and they, like in-memory arrays, are
+copied once into a shared data segment, which every worker maps. An image
+folder (one subfolder per class) or a ``.csv`` list file gives the fields
+``image`` (the files, read and decoded when a batch needs them; their paths
+travel in the data segment) and ``label``; a packed file (``ringfeed pack``)
+gives the fields it was packed with, and each worker maps it. Only the fields
+a config uses are opened. An ``.npz`` file's member headers are read first, so
 members too large to copy are refused before they are loaded. Workers receive
 a small ``SourceRef``, never the arrays themselves.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import math
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,11 @@ from client.structure import Structure, StructureError
 
 from . import shm
 from .config import Config, ConfigError
+from .images.listing import LIST_SUFFIX, is_image_folder, list_folder, read_list
+from .images.records import FileRecords, Records, encode_paths
+from .packfile import PackedFile, is_pack
 
+IMAGE_FIELDS = ("image", "label")
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
                        (2, 0): np.lib.format.read_array_header_2_0}
 _ALIGN = 64
@@ -45,11 +53,19 @@ class SourceRef:
     segment: str | None = None
     segment_id: shm.FileId | None = None  # the data segment's file, which workers check on attach
     arrays: tuple[tuple[str, ArrayRef], ...] = ()  # (field, where it is in the segment)
+    files: tuple[str, ...] = ()  # encoded image fields read from files: paths in arrays FIELD/paths, FIELD/offsets
+    pack: str | None = None  # a packed file, whose fields are read from its mapping
+    pack_fields: tuple[str, ...] = ()
 
 
 def field_names(data: str) -> list[str]:
-    """The fields ``data`` (a folder of .npy files, or an .npz) holds, without loading any."""
+    """The fields ``data`` holds, without loading any."""
     path = Path(data)
+    if is_image_folder(path) or path.suffix == LIST_SUFFIX and path.is_file():
+        return list(IMAGE_FIELDS)
+    if is_pack(path):
+        with PackedFile(path) as pack:
+            return list(pack.fields)
     if path.is_dir():
         return sorted(p.stem for p in path.glob("*.npy"))
     if path.suffix == ".npz" and path.is_file():
@@ -58,8 +74,19 @@ def field_names(data: str) -> list[str]:
                 return [n[:-len(".npy")] if n.endswith(".npy") else n for n in archive.namelist()]
         except (OSError, zipfile.BadZipFile) as exc:
             raise ConfigError(f"{data!r} is not a readable .npz file: {exc}") from None
-    raise ConfigError(f"data {data!r} does not exist or is neither a folder of .npy files (one per "
-                      "field, e.g. features.npy and labels.npy) nor an .npz file")
+    raise ConfigError(f"data {data!r} does not exist or is none of: a folder of .npy files (one per "
+                      "field, e.g. features.npy and labels.npy), an .npz file, an image folder (one "
+                      f"subfolder per class), a {LIST_SUFFIX} list file of path,label rows, a packed file")
+
+
+def with_default_roles(config: Config, available) -> Config:
+    """``config`` with unset ``inputs``/``targets`` named: features and labels, or, for a dataset
+    without them (image files), image and label."""
+    roles = {}
+    for role, (usual, image) in (("inputs", ("features", "image")), ("targets", ("labels", "label"))):
+        if getattr(config, role) is None:
+            roles[role] = image if usual not in available and image in available else usual
+    return replace(config, **roles)
 
 
 def check_structure(structure: Structure, available, where: str) -> None:
@@ -69,13 +96,24 @@ def check_structure(structure: Structure, available, where: str) -> None:
         raise ConfigError(f"{where}: {exc} (set inputs, targets and sample_weight to field names)") from None
 
 
-def load_path(data: str, names) -> dict[str, np.ndarray]:
-    """Open the fields ``names`` of ``data``: memory-mapped from a folder, loaded from an .npz."""
+def load_path(data: str, names) -> dict:
+    """Open the fields ``names`` of ``data``: memory-mapped from a folder or a pack, loaded from
+    an .npz, listed from image files."""
     path = Path(data)
     _require_fields(data, names)
+    if is_image_folder(path) or path.suffix == LIST_SUFFIX:
+        images = list_folder(path) if path.is_dir() else read_list(path)
+        fields = {"image": FileRecords(*encode_paths(images.paths)), "label": images.labels}
+        return {name: fields[name] for name in names}
+    if is_pack(path):
+        return {name: _packed(PackedFile(path), name) for name in names}
     if path.is_dir():
         return {name: _open_npy(path / f"{name}.npy") for name in names}
     return _load_npz(path, data, names)
+
+
+def _packed(pack, name: str):
+    return pack.records(name) if pack.fields[name]["kind"] == "encoded_image" else pack.array(name)
 
 
 def _require_fields(data: str, names) -> None:
@@ -154,9 +192,11 @@ def validate(fields: dict, batch_size: int) -> None:
         if not isinstance(name, str) or not FIELD_NAME.fullmatch(name):
             raise ConfigError(f"field name {name!r} is not an identifier of at most 64 characters "
                               "(letters, digits, '_')")
-        if not isinstance(array, np.ndarray):
+        if is_records(array):
+            pass
+        elif not isinstance(array, np.ndarray):
             raise ConfigError(f"field {name!r} must be a numpy array, got {type(array).__name__}")
-        if array.ndim < 1 or array.dtype.str not in DTYPE_SIZES:
+        elif array.ndim < 1 or array.dtype.str not in DTYPE_SIZES:
             raise ConfigError(f"field {name!r} must be a numeric or bool array with one entry per sample "
                               f"(no objects, strings or records), got dtype {array.dtype} and shape {array.shape}")
         if first is None:
@@ -168,11 +208,16 @@ def validate(fields: dict, batch_size: int) -> None:
         raise ConfigError(f"batch_size {batch_size} is larger than the dataset ({first[1]} samples)")
 
 
+def is_records(field) -> bool:
+    """Encoded images (files or a pack's records), rather than an array."""
+    return isinstance(field, Records)
+
+
 def validate_for(config: Config, fields: dict) -> None:
     check_structure(config.structure, fields, "the dataset")
     validate(fields, config.batch_size)
     if config.private_data:
-        check_private_copies(sum(a.nbytes for a in fields.values()), config.workers)
+        check_private_copies(sum(a.nbytes for a in fields.values() if isinstance(a, np.ndarray)), config.workers)
 
 
 def check_private_copies(nbytes: int, workers: int, available: int | None = None) -> None:
@@ -199,8 +244,13 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def publish(fields: dict[str, np.ndarray], segment: str) -> SourceRef:
-    """Copy every field once into a new shared data segment named ``segment``."""
+def publish(fields: dict, segment: str) -> SourceRef:
+    """Copy every field once into a new shared data segment named ``segment``; a field of image
+    files as its paths."""
+    files = tuple(name for name, field in fields.items() if isinstance(field, FileRecords))
+    fields = dict(fields)
+    for name in files:
+        fields[f"{name}/paths"], fields[f"{name}/offsets"] = fields.pop(name).arrays()
     arrays, offset = [], 0
     for name, array in fields.items():
         arrays.append((name, ArrayRef(offset, tuple(array.shape), array.dtype.str)))
@@ -212,12 +262,18 @@ def publish(fields: dict[str, np.ndarray], segment: str) -> SourceRef:
         view[...] = fields[name]
         del view
     mm.close()
-    return SourceRef(segment=segment, segment_id=segment_id, arrays=tuple(arrays))
+    return SourceRef(segment=segment, segment_id=segment_id, arrays=tuple(arrays), files=files)
 
 
-def open_ref(ref: SourceRef) -> dict[str, np.ndarray]:
+def open_ref(ref: SourceRef) -> dict:
     """Map the dataset's fields in a worker; nothing is copied."""
+    if ref.pack is not None:
+        pack = PackedFile(ref.pack)
+        return {name: _packed(pack, name) for name in ref.pack_fields}
     if ref.segment is None:
         return {name: np.load(path, mmap_mode="r", allow_pickle=False) for name, path in ref.paths}
     mm = shm.attach(ref.segment, ref.segment_id, writable=False)
-    return {name: np.ndarray(a.shape, np.dtype(a.dtype), buffer=mm, offset=a.offset) for name, a in ref.arrays}
+    fields = {name: np.ndarray(a.shape, np.dtype(a.dtype), buffer=mm, offset=a.offset) for name, a in ref.arrays}
+    for name in ref.files:
+        fields[name] = FileRecords(fields.pop(f"{name}/paths"), fields.pop(f"{name}/offsets"))
+    return fields

@@ -45,3 +45,28 @@ def test_the_python_op_snippet_and_its_toml_run_as_printed(tmp_path, monkeypatch
     with Service(config, fields={"image": images, "label": np.arange(32)}) as svc, Feed(svc.endpoint) as feed:
         x, y = feed.next_batch()
     assert x.shape == (8, 12, 12, 3) and x.dtype == np.uint8 and not np.array_equal(x, images[y])
+
+
+def test_the_imagenet_style_config_makes_224_pixel_float_batches_from_an_image_folder(tmp_path):
+    from test_images import write_image_folder
+
+    from loader_server import Config, shm
+    from loader_server.batches import BatchMaker
+    from loader_server.service import prepare_source
+
+    (language, code), = _blocks("Image files")
+    assert language == "toml"
+    options = tomllib.loads(code)
+    assert options["batch_size"] == 256
+    root = write_image_folder(tmp_path / "set", per_class=(2, 2))
+    config = Config(**{**options, "batch_size": 4, "workers": 1, "data": str(root)})
+    config, source, owned = prepare_source(config, "readme01")
+    try:
+        maker = BatchMaker(config, source)
+        batch = maker.empty_batch()
+        maker.make(0, 0, batch)
+    finally:
+        for segment in owned:
+            shm.unlink(segment)
+    assert batch["image"].shape == (4, 224, 224, 3) and batch["image"].dtype == np.float32
+    assert sorted(batch["label"].tolist()) == [0, 0, 1, 1]

@@ -219,11 +219,12 @@ def test_a_slow_consumer_leaves_workers_idle_and_memory_bounded(name):
 
 @pytest.mark.parametrize("options, features, labels, fragment", [
     ({"data": "/nonexistent/ringfeed"}, None, None, "'/nonexistent/ringfeed' does not exist"),
-    ({}, rgb_images(10, 8), np.arange(9), "differ in length: 10 != 9"),
+    ({}, rgb_images(10, 8), np.arange(9), "fields differ in length: 'labels' has 9 samples, 'features' has 10"),
     ({"augment": ({"op": "random_crop", "size": 12},)}, rgb_images(10, 8), np.arange(10),
      "crop size [12, 12] is larger than the image 8x8"),
     ({"augment": ({"op": "sharpen"},)}, rgb_images(10, 8), np.arange(10), "unknown op 'sharpen'"),
-    ({}, np.zeros((10, 8, 8, 3), np.float64), np.arange(10), "features dtype float64 is not supported"),
+    ({"augment": ({"op": "flip_lr"},)}, np.zeros((10, 8, 8, 3), np.float64), np.arange(10),
+     "field 'features' has per-sample shape (8, 8, 3) and dtype float64; ops take"),
 ])
 def test_bad_config_fails_at_start_naming_the_value(name, options, features, labels, fragment):
     config = Config(batch_size=4, workers=1, name=name, **options)

@@ -37,7 +37,7 @@ def test_npz_and_publish_round_trip(tmp_path):
     ({"features": np.zeros((4, 3)), "labels": np.zeros(5)},
      "fields differ in length: 'labels' has 5 samples, 'features' has 4"),
     ({"features": np.zeros((4, 3)), "labels": np.array(["a"] * 4)},
-     "field 'labels' must be a numeric or bool array with one entry per sample, got dtype <U1"),
+     "(no objects, strings or records), got dtype <U1"),
     ({"features": np.zeros((4, 3)), "labels": np.array([None] * 4)}, "field 'labels' must be a numeric"),
     ({"features": [[1, 2]] * 4, "labels": np.zeros(4)}, "field 'features' must be a numpy array, got list"),
     ({"features": np.zeros((4, 3)), "labels": np.zeros((), np.float32)}, "field 'labels' must be a numeric or bool array"),

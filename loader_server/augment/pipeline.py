@@ -39,7 +39,7 @@ class Pipeline:
     which names it in errors and keys its random choices (default: 0, 1, ...)."""
 
     def __init__(self, specs, feature_shape: tuple, feature_dtype, compiled: bool = True,
-                 positions=None, field: str | None = None):
+                 positions=None, field: str | None = None, fuse_normalize: bool = True):
         self.compiled = compiled
         self.feature_dtype = np.dtype(feature_dtype)
         specs = list(specs)
@@ -73,7 +73,7 @@ class Pipeline:
         scale0 = 1.0 / 255.0 if self.feature_dtype == np.uint8 and self.float_out else 1.0
         self.scale = np.full(frame.c, scale0, np.float32)
         self.shift = np.zeros(frame.c, np.float32)
-        if pixel and isinstance(pixel[0], Normalize):
+        if fuse_normalize and pixel and isinstance(pixel[0], Normalize):
             scale, shift = pixel.pop(0).affine()
             self.scale, self.shift = self.scale * scale, shift
         self.pixel = pixel
@@ -83,6 +83,14 @@ class Pipeline:
         else:
             self.out_shape = (frame.h, frame.w, frame.c) if self._channels_axis else (frame.h, frame.w)
         self._frame = frame
+
+    def run_in_place(self, x: np.ndarray, keys: np.ndarray) -> None:
+        """Only the pixel ops, on ``x`` (B, *out_shape) in place: for a field whose gather was done
+        elsewhere (an encoded image's resampling pass)."""
+        frame = self._frame
+        dst = x.reshape(len(x), frame.h, frame.w, frame.c)
+        for op in self.pixel:
+            op.run(dst, keys, self.compiled)
 
     def run(self, features: np.ndarray, idx: np.ndarray, keys: np.ndarray, out: np.ndarray,
             stream: bool = False) -> None:

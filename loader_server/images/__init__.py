@@ -1,0 +1,1 @@
+"""Image files as fields: listing, decoding, resampling and the packed random-access format."""
