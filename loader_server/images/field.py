@@ -29,8 +29,6 @@ from .decode import Decoder, DecodeError, read_header
 from .ops import RandomResizedCrop, Resize, ResizedCrop
 from .resample import crop_resize
 
-CHANNELS = (1, 3)
-
 
 def _where(position: int, spec: dict, field: str) -> str:
     return f"augment[{position}] ({spec.get('op')} on {field!r})"
