@@ -90,18 +90,21 @@ def service_name(bench: str, tag: str) -> str:
     return f"bench-{bench}-{os.getpid()}-{tag}"
 
 
-def ringfeed_services(stack, bench: str, kinds, features, labels, counts=None, **options):
+def ringfeed_services(stack, bench: str, kinds, features, labels, counts=None, fields=None, **options):
     """A service of its own for each kind of ringfeed contender and worker count (an idle
     feed holds slots of its service, so feeds never share one): yields (kind, workers, endpoint).
-    ``options`` are further ``Config`` options."""
+    ``fields``: the dataset's named fields, in place of ``features`` and ``labels``. ``options``
+    are further ``Config`` options (``augment`` replaces the standard ``AUGMENT``)."""
     from loader_server import Config, Service
 
+    options = {"augment": AUGMENT, **options}
+    data = {"fields": fields} if fields is not None else {"features": features, "labels": labels}
     for w in counts or worker_counts():
         for kind in kinds:
             log(f"starting a ringfeed service with {w} worker(s) for {kind.__name__}")
-            config = Config(batch_size=BATCH, workers=w, seed=SEED, augment=AUGMENT,
+            config = Config(batch_size=BATCH, workers=w, seed=SEED,
                             name=service_name(bench, f"{kind.__name__}-w{w}"), **options)
-            yield kind, w, stack.enter_context(Service(config, features=features, labels=labels)).endpoint
+            yield kind, w, stack.enter_context(Service(config, **data)).endpoint
 
 
 def ringfeed_contender(route: str, workers: int) -> tuple[str, str]:
@@ -126,6 +129,17 @@ def augment_sample(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     return (crop.astype(np.float32) / np.float32(255.0) - MEAN) / STD
+
+
+META = 16  # the multi-field workload's second input: a float32 vector per sample
+
+
+def make_fields(features, labels, seed: int = SEED) -> dict[str, np.ndarray]:
+    """The multi-field workload: the images and labels, a float32 (16,) ``meta`` vector and a
+    float32 ``weight`` per sample."""
+    rng = np.random.default_rng([seed, 1])
+    return {"features": features, "meta": rng.random((len(features), META), dtype=np.float32),
+            "labels": labels, "weight": rng.random(len(features), dtype=np.float32)}
 
 
 def classic_batch(features, labels, rng: np.random.Generator, batch_size: int = BATCH):

@@ -165,11 +165,66 @@ def remote_section(result: dict) -> list[str]:
     return lines
 
 
+def target_cell(c: dict) -> str:
+    if c["target"] is None:
+        return "–"
+    return f"≥ {c['target']:g}× ({'not measured' if c['met'] is None else 'met' if c['met'] else 'missed'})"
+
+
+def images_section(result: dict, results: Path, readme_dir: Path) -> list[str]:
+    s, v, rows = result["settings"], result["versions"], result["contenders"]
+    photos = s["data"].get("photographs", [])
+    shipped = " and scikit-image" if any(p.startswith("skimage/") for p in photos) else ""
+    named = (("pillow", "Pillow"), ("simplejpeg", "simplejpeg"), ("torchvision", "torchvision"),
+             ("scikit_image", "scikit-image"))
+    libs = ", ".join(f"{name} {v[key]}" for key, name in named if v.get(key))
+    lines = [f"**Image files** (`benchmarks/images.py`): {s['images']:,} JPEGs (quality {s['data']['quality']}, "
+             f"sides {s['data']['sides'][0]}–{s['data']['sides'][1]} px, cut from {len(photos)} photographs that "
+             f"scikit-learn{shipped} ship by random crops, rescales and colour shifts, {s['data']['classes']} class "
+             f"folders) and the same folder packed; decode, RandomResizedCrop({s['size']}, scale "
+             f"{tuple(s['rrc_scale'])}), flip, normalize to float32, or uint8 without normalize, batch "
+             f"{s['batch_size']}, NHWC; median of "
+             f"{result['rounds']} interleaved rounds of {s['seconds_per_round']:g} s per loader, each after "
+             f"{s['warmup_batches_per_round']} untimed batches ({run_line(result)}; {libs})."
+             + other_load_line(rows), ""]
+    lines += table(["loader", "images/s", "images/s per core", "MB/s", "vs tf.data"],
+                   [[r["label"], num(r["median_images_per_s"]), num(r["images_per_s_per_core"]),
+                     num(r["median_mb_per_s"]), times(r["ratio_to_tf_data"])] for r in rows])
+    lines += ["", "tf.data decodes only the crop window (`decode_and_crop_jpeg`) and resizes with antialiasing; the "
+              "Pillow DataLoader decodes each image whole and resizes its box with `resize(box=...)`; Keras' "
+              "`image_dataset_from_directory` only decodes and resizes, a reference. The in-process limit runs "
+              "ringfeed's own decode and kernels (`BatchMaker`) on the packed file in one process per core, with "
+              "nothing delivered. \"vs tf.data\" compares with tf.data of the same output dtype.", ""]
+    lines += table(["comparison", "ratio of medians", "per round", "target"],
+                   [[c["what"], times(c["ratio"]), times(c["median_round_ratio"]),
+                     target_cell(c)] for c in result["comparisons"]])
+    per, ffcv = result["per_core"], result["per_core"]["ffcv"]
+    shown = [f"{name} {per[name]['images_per_s_per_core']:,.0f} ({per[name]['ratio_to_ffcv_per_vcpu']:.2f}×)"
+             for name in ("ringfeed-packed", "ringfeed-packed-uint8") if name in per]
+    if shown:
+        lines += ["", f"Per core: {', '.join(shown)} images/s, against FFCV's published {ffcv['per_vcpu']:.0f} "
+                  f"per vCPU ({ffcv['images_per_s']:,} images/s for {ffcv['what'].split(', ')[0]} on "
+                  f"{ffcv['vcpus']} vCPUs; other images, another machine)."]
+    d = result["dct"]
+    factors = ", ".join(f"1/{f}: {n}" for f, n in d["factors"].items() if n)
+    lines += ["", f"DCT downscaling: decoding {d['samples']:,} sampled JPEGs with the `min_size` their "
+              f"RandomResizedCrop boxes allow took {d['scaled_us_per_image']:,.0f} µs each against "
+              f"{d['full_us_per_image']:,.0f} µs at full size (one thread's CPU time, median of {d['rounds']} "
+              f"rounds): {d['share_saved']:.1%} of the decode time saved ({d['median_round_share_saved']:.1%} per "
+              f"round); scales used: {factors}."]
+    for skipped in result.get("skipped", []):
+        lines.append(f"\n{skipped['name']} not measured: {skipped['reason']}.")
+    png = results / "images.png"
+    if png.exists():
+        lines += ["", f"![Image files]({Path(os.path.relpath(png, readme_dir)).as_posix()})"]
+    return lines
+
+
 # Each results file: (the script that writes it, whether the README needs it). The optional ones
 # come from machines a session is not always lent: a GPU, more cores.
 RESULTS = {"throughput": ("throughput", True), "fit": ("fit", True), "delivery": ("delivery", True),
            "remote-augment": ("remote", True), "remote-gather": ("remote", True),
-           "gpu_fit": ("gpu_fit", False), "remote-augment-16cores": ("remote", False)}
+           "gpu_fit": ("gpu_fit", False), "remote-augment-16cores": ("remote", False), "images": ("images", True)}
 
 
 def render(results: Path, readme_dir: Path) -> str:
@@ -186,7 +241,8 @@ def render(results: Path, readme_dir: Path) -> str:
         lines.append("\n*Quick smoke-run numbers (`--quick`), not for comparison.*")
     sections = {"throughput": lambda r: throughput_section(r, results, readme_dir), "fit": fit_section,
                 "gpu_fit": gpu_fit_section, "delivery": delivery_section, "remote-augment": remote_section,
-                "remote-gather": remote_section, "remote-augment-16cores": remote_section}
+                "remote-gather": remote_section, "remote-augment-16cores": remote_section,
+                "images": lambda r: images_section(r, results, readme_dir)}
     for name, result in loaded.items():
         lines.append("")
         lines += sections[name](result) if result else \

@@ -11,6 +11,14 @@ rotates between rounds), each for ``--seconds`` after a few untimed batches.
 Reported: the median over rounds of samples/s and MB/s of delivered x, and the
 ratio to tf.data measured in the same invocation.
 
+Three comparisons of issue #13 ride along, measured in the same rounds:
+ringfeed serving samples of several fields (x a dict of the images and a
+float32 (16,) ``meta`` vector, plus a float32 ``sample_weight``) against the
+in-process numba kernel, as the two-field service is; ringfeed running the
+augmentation as per-sample numpy in a ``python`` op (``python_ops.py``)
+against the PyTorch DataLoader running the same function; and, in-process on
+one thread, the cost per sample of that python op against the numba ops.
+
     .venv/bin/python benchmarks/throughput.py [--quick] [--rounds N] [--out DIR]
 """
 
@@ -23,9 +31,13 @@ from contextlib import ExitStack, contextmanager
 import numpy as np
 
 import benchlib
-from benchlib import AUGMENT, BATCH, CROP, IMAGE, SEED, log
+import python_ops
+from benchlib import AUGMENT, BATCH, CROP, IMAGE, META, SEED, log
 
 SAMPLE_BYTES = CROP[0] * CROP[1] * IMAGE[2] * 4  # one float32 output sample
+PYTHON_AUGMENT = [{"op": "python", "fn": python_ops.FN}]  # AUGMENT as per-sample numpy
+MULTI_FIELD = {"inputs": ["features", "meta"], "targets": "labels", "sample_weight": "weight"}
+KERNEL_TARGET = 0.9  # the issue's bar: ringfeed delivers at least 0.9x the in-process kernel
 
 
 class Contender:
@@ -37,12 +49,19 @@ class Contender:
     def __init__(self, name: str, label: str, workers: int | None = None):
         self.name, self.label, self.workers = name, label, workers
         self.rounds: list[dict] = []
+        self.delivered: dict = {}  # what the first batch held: name -> [shape, dtype]
 
     def start(self, warmup: int) -> None:
         with self.round() as pull:
-            check_batch(self.name, pull())
+            x = pull()
+            check_batch(self.name, x)
+            self.delivered = self.delivered or described(x=x)
             for _ in range(warmup):
                 pull()
+
+    @property
+    def samples_per_s(self) -> list[float]:
+        return [r["samples_per_s"] for r in self.rounds]
 
     @contextmanager
     def round(self):
@@ -55,11 +74,29 @@ class Contender:
         pass
 
 
+def shape_dtype(a) -> tuple[tuple, str]:
+    """(shape, dtype name) of a numpy array or a TensorFlow or PyTorch tensor."""
+    return tuple(a.shape), getattr(a.dtype, "name", None) or str(a.dtype).rsplit(".", 1)[-1]
+
+
+def described(**arrays) -> dict:
+    """name -> [shape, dtype] of each array; a dict's entries are named ``name.key``."""
+    out = {}
+    for name, a in arrays.items():
+        for key, v in (a.items() if isinstance(a, dict) else [(None, a)]):
+            shape, dtype = shape_dtype(v)
+            out[name if key is None else f"{name}.{key}"] = [list(shape), dtype]
+    return out
+
+
 def check_batch(name: str, x) -> None:
-    """Every contender must deliver the same thing, or the comparison means nothing."""
-    dtype = getattr(x.dtype, "name", None) or str(x.dtype).rsplit(".", 1)[-1]
-    if tuple(x.shape) != (BATCH, *CROP, IMAGE[2]) or dtype != "float32":
-        raise RuntimeError(f"{name} delivered x of shape {tuple(x.shape)} and dtype {dtype}, "
+    """Every contender must deliver the same thing, or the comparison means nothing. A dict x
+    (several inputs) is checked by its image field, ``features``."""
+    if isinstance(x, dict):
+        x = x["features"]
+    shape, dtype = shape_dtype(x)
+    if shape != (BATCH, *CROP, IMAGE[2]) or dtype != "float32":
+        raise RuntimeError(f"{name} delivered x of shape {shape} and dtype {dtype}, "
                            f"expected {(BATCH, *CROP, IMAGE[2])} float32")
 
 
@@ -117,6 +154,64 @@ class NumbaInProcess(Contender):
         self.pipe.run(self.features, idx, sample_keys(SEED, epoch, index, BATCH), self.x)
         np.take(self.labels, idx, axis=0, out=self.y)
         return self.x
+
+
+class SampleCost(Contender):
+    """One core's cost per sample, in-process: ``SamplePipeline.run`` over the images and labels
+    with the numba ops (``AUGMENT``) or the python op (``PYTHON_AUGMENT``), as a worker makes a
+    batch, but into one buffer; or the python op's function alone, called in a loop with one
+    Generator (the DataLoader's way). Measured in the rounds, reported apart from the loaders."""
+
+    KINDS = {"numba": "numba ops (SamplePipeline.run)", "python-op": "python op (SamplePipeline.run)",
+             "python-fn": "python_ops.crop_flip_normalize alone, one Generator"}
+
+    def __init__(self, features, labels, kind: str):
+        super().__init__(f"per-sample-{kind}", f"{self.KINDS[kind]}, 1 thread", 1)
+        self.features, self.labels, self.kind = features, labels, kind
+        self.batch = 0
+
+    def start(self, warmup: int) -> None:
+        from loader_server.augment.rng import sample_keys
+        from loader_server.augment.sample import SamplePipeline
+        from loader_server.ring import aligned_empty
+        from loader_server.sampler import Sampler
+
+        self.source = {"features": self.features, "labels": self.labels}
+        self.sampler = Sampler(len(self.features), BATCH, SEED, "shuffle")
+        if self.kind == "python-fn":
+            self.rng = np.random.default_rng(SEED)
+            self.x = aligned_empty((BATCH, *CROP, IMAGE[2]), np.float32)
+        else:
+            specs = AUGMENT if self.kind == "numba" else PYTHON_AUGMENT
+            self.pipe = SamplePipeline(specs, self.source, "features", True, sample_keys(SEED, 0, 0, 1)[0])
+            self.out = {name: aligned_empty((BATCH, *shape), dtype)
+                        for name, (shape, dtype) in self.pipe.out_fields.items()}
+        super().start(warmup)
+
+    @contextmanager
+    def round(self):
+        import numba
+
+        before = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            yield self.pull
+        finally:
+            numba.set_num_threads(before)
+
+    def pull(self):
+        from loader_server.augment.rng import sample_keys
+
+        epoch, index = divmod(self.batch, self.sampler.steps_per_epoch)
+        self.batch += 1
+        idx = self.sampler.indices(epoch, index)
+        if self.kind == "python-fn":
+            for k, i in enumerate(idx):
+                self.x[k] = python_ops.crop_flip_normalize(
+                    {"features": self.features[i], "labels": self.labels[i]}, self.rng)["features"]
+            return self.x
+        self.pipe.run(self.source, idx, sample_keys(SEED, epoch, index, BATCH), self.out)
+        return self.out["features"]
 
 
 class TfData(Contender):
@@ -179,7 +274,8 @@ class KerasPyDataset(Contender):
 
 
 class PerSampleDataset:
-    """Map-style dataset: one augmented sample per index (the common PyTorch recipe)."""
+    """Map-style dataset: one augmented sample per index (the common PyTorch recipe), made by
+    the function ringfeed's python op contender runs, with one Generator per worker."""
 
     def __init__(self, features, labels):
         self.features, self.labels = features, labels
@@ -189,7 +285,9 @@ class PerSampleDataset:
         return len(self.features)
 
     def __getitem__(self, i):
-        return benchlib.augment_sample(self.features[i], self.rng), self.labels[i]
+        sample = python_ops.crop_flip_normalize({"features": self.features[i], "labels": self.labels[i]},
+                                                self.rng)
+        return sample["features"], sample["labels"]
 
 
 class NumbaBatchDataset:
@@ -319,6 +417,40 @@ class RingfeedTfDataset(RingfeedGenerator):
         return iter(self.feed.as_tf_dataset())
 
 
+class RingfeedMultiField(RingfeedGenerator):
+    """The generator of a service with four fields: x = {"features", "meta"}, y = labels and
+    w = weight (``MULTI_FIELD``); the numba ops run on features, the rest is gathered."""
+
+    def __init__(self, endpoint: str, workers: int):
+        super().__init__(endpoint, workers)
+        self.name = f"ringfeed-multi-field-generator-w{workers}"
+        self.label = f"ringfeed generator(), {workers} workers, x: image + meta ({META},), sample_weight"
+
+    def start(self, warmup: int) -> None:
+        from client import Feed
+
+        self.feed = Feed(self.endpoint)
+        self.it = self.batches()
+        x, y, w = next(self.it)
+        check_batch(self.name, x)
+        self.delivered = described(x=x, y=y, w=w)
+        want = {"x.features": [[BATCH, *CROP, IMAGE[2]], "float32"], "x.meta": [[BATCH, META], "float32"],
+                "y": [[BATCH], "int64"], "w": [[BATCH], "float32"]}
+        if self.delivered != want:
+            raise RuntimeError(f"{self.name} delivered {self.delivered}, expected {want}")
+        Contender.start(self, warmup)
+
+
+class RingfeedPythonOp(RingfeedGenerator):
+    """The generator of a service whose workers run the augmentation as per-sample numpy in a
+    ``python`` op (``PYTHON_AUGMENT``): the same function as the per-sample DataLoader."""
+
+    def __init__(self, endpoint: str, workers: int):
+        super().__init__(endpoint, workers)
+        self.name = f"ringfeed-python-op-generator-w{workers}"
+        self.label = f"ringfeed generator(), {workers} workers, python op (per-sample numpy)"
+
+
 def torch_missing() -> str | None:
     try:
         import torch  # noqa: F401
@@ -331,6 +463,7 @@ def summarize(contenders: list[Contender]) -> list[dict]:
     rows = []
     for c in contenders:
         rows.append({"name": c.name, "label": c.label, "group": c.group, "workers": c.workers,
+                     "delivered": c.delivered,
                      "median_samples_per_s": benchlib.median(r["samples_per_s"] for r in c.rounds),
                      "median_mb_per_s": benchlib.median(r["mb_per_s"] for r in c.rounds),
                      "rounds": c.rounds})
@@ -338,6 +471,37 @@ def summarize(contenders: list[Contender]) -> list[dict]:
     for row in rows:
         row["ratio_to_tf_data"] = benchlib.ratio(row["median_samples_per_s"], reference)
     return rows
+
+
+def compare(contenders: list[Contender], what: str, name: str, reference: str, target: float | None) -> dict:
+    """``name``'s median samples/s over ``reference``'s, and the median of the rounds' own ratios
+    (both were timed in every round); None where either was not measured."""
+    by_name = {c.name: c for c in contenders}
+    row = {"what": what, "contender": name, "reference": reference, "target": target, "ratio": None,
+           "median_round_ratio": None}
+    if name in by_name and reference in by_name:
+        mine, theirs = by_name[name].samples_per_s, by_name[reference].samples_per_s
+        row["ratio"] = benchlib.ratio(benchlib.median(mine), benchlib.median(theirs))
+        row["median_round_ratio"] = benchlib.median(a / b for a, b in zip(mine, theirs))
+    return row
+
+
+def comparisons(contenders: list[Contender], cores: int) -> list[dict]:
+    return [compare(contenders, "several fields (x: image + meta, sample_weight) vs the in-process kernel",
+                    f"ringfeed-multi-field-generator-w{cores}", "numba-all-cores", KERNEL_TARGET),
+            compare(contenders, "two fields (features, labels) vs the in-process kernel",
+                    f"ringfeed-generator-w{cores}", "numba-all-cores", KERNEL_TARGET),
+            compare(contenders, "python op vs PyTorch DataLoader, same per-sample function and workers",
+                    f"ringfeed-python-op-generator-w{cores}", "torch-per-sample", 1.0)]
+
+
+def per_sample_cost(costs: list[SampleCost]) -> dict:
+    rows = [{"name": c.name, "label": c.label, "delivered": c.delivered,
+             "median_us_per_sample": benchlib.median(1e6 / r["samples_per_s"] for r in c.rounds),
+             "rounds": c.rounds} for c in costs]
+    us = {row["name"]: row["median_us_per_sample"] for row in rows}
+    return {"rows": rows, "python_op_over_numba": benchlib.ratio(us["per-sample-python-op"], us["per-sample-numba"]),
+            "python_op_overhead_us": us["per-sample-python-op"] - us["per-sample-python-fn"]}
 
 
 def plot(rows: list[dict], skipped: list[dict], path, title: str) -> None:
@@ -390,9 +554,12 @@ def main() -> None:
     cores = os.cpu_count() or 1
 
     features, labels = benchlib.make_images(samples)
+    fields = benchlib.make_fields(features, labels)
     result = benchlib.header("throughput", args, samples=samples, batch_size=BATCH, seconds_per_round=seconds,
                              warmup_batches_per_round=warmup, image=list(IMAGE), crop=list(CROP),
-                             augment=AUGMENT, sample_bytes=SAMPLE_BYTES)
+                             augment=AUGMENT, sample_bytes=SAMPLE_BYTES, multi_field=MULTI_FIELD,
+                             multi_field_shapes={k: [list(v.shape[1:]), v.dtype.name] for k, v in fields.items()},
+                             python_augment=PYTHON_AUGMENT)
     skipped = []
     forking = [KerasPyDataset(features, labels, cores)]
     reason = torch_missing()
@@ -425,17 +592,25 @@ def main() -> None:
         for kind, w, endpoint in benchlib.ringfeed_services(stack, "tp", (RingfeedPlainStores,), features, labels,
                                                             counts=[cores], streaming_stores=False):
             ringfeed.append(kind(endpoint, w))
+        for kind, w, endpoint in benchlib.ringfeed_services(stack, "tp", (RingfeedMultiField,), None, None,
+                                                            counts=[cores], fields=fields, **MULTI_FIELD):
+            ringfeed.append(kind(endpoint, w))
+        for kind, w, endpoint in benchlib.ringfeed_services(stack, "tp", (RingfeedPythonOp,), features, labels,
+                                                            counts=[cores], augment=PYTHON_AUGMENT):
+            ringfeed.append(kind(endpoint, w))
+        costs = [SampleCost(features, labels, kind) for kind in SampleCost.KINDS]
         rest = [ClassicGenerator(features, labels), NumbaInProcess(features, labels, False),
-                NumbaInProcess(features, labels, True), TfData(features, labels)] + ringfeed
+                NumbaInProcess(features, labels, True), TfData(features, labels)] + ringfeed + costs
         for c in rest:
             log(f"starting {c.label}")
             stack.callback(c.stop)
             c.start(warmup)
         contenders = rest[:4] + forking[::-1] + ringfeed  # report order: simplest first, ringfeed last
+        measured = contenders + costs
 
         for r in range(args.rounds):
-            shift = r % len(contenders)
-            for c in contenders[shift:] + contenders[:shift]:
+            shift = r % len(measured)
+            for c in measured[shift:] + measured[:shift]:
                 with benchlib.OtherLoad() as load, c.round() as pull:
                     batches, elapsed = benchlib.timed(pull, seconds, warmup)
                 rate = batches * BATCH / elapsed
@@ -445,19 +620,27 @@ def main() -> None:
                     f"  (other processes: {load.share:.0%} of the cores)")
 
     rows = summarize(contenders)
-    result.update(contenders=rows, skipped=skipped)
+    result.update(contenders=rows, skipped=skipped, comparisons=comparisons(contenders, cores),
+                  per_sample_cost=per_sample_cost(costs))
     machine = result["machine"]
     benchlib.write_json(args.out / "throughput.json", result)
     plot(rows, skipped, args.out / "throughput.png",
          f"Loader throughput, 64x64x3 uint8 -> crop 56, flip, normalize, batch {BATCH}; "
          f"{machine['cpu']}, {machine['cores']} cores; median of {args.rounds} rounds")
     log(f"wrote {args.out / 'throughput.png'}")
-    print(f"{'contender':<26}{'samples/s':>12}{'MB/s':>9}{'x tf.data':>11}")
+    print(f"{'contender':<36}{'samples/s':>12}{'MB/s':>9}{'x tf.data':>11}")
     for row in rows:
-        print(f"{row['name']:<26}{row['median_samples_per_s']:>12,.0f}{row['median_mb_per_s']:>9,.0f}"
+        print(f"{row['name']:<36}{row['median_samples_per_s']:>12,.0f}{row['median_mb_per_s']:>9,.0f}"
               f"{row['ratio_to_tf_data']:>11.2f}")
     for s in skipped:
-        print(f"{s['name']:<26} skipped: {s['reason']}")
+        print(f"{s['name']:<36} skipped: {s['reason']}")
+    for c in result["comparisons"]:
+        shown = "not measured" if c["ratio"] is None else f"{c['ratio']:.2f}x (per round {c['median_round_ratio']:.2f}x)"
+        print(f"{c['what']}: {shown}, target >= {c['target']:g}x")
+    cost = result["per_sample_cost"]
+    for row in cost["rows"]:
+        print(f"{row['label']:<64}{row['median_us_per_sample']:>8.2f} us/sample")
+    print(f"python op / numba ops: {cost['python_op_over_numba']:.1f}x per sample")
 
 
 if __name__ == "__main__":

@@ -201,3 +201,76 @@ def test_report_renders_and_replaces_only_the_results_block(throughput, fit, del
     assert text.endswith("<!-- results:end -->\nafter\n")
     row = next(line for line in printed.splitlines() if line.startswith("| tf.data"))
     assert "old numbers" not in text and row in text
+
+
+# -- benchmarks/images.py -------------------------------------------------------------
+
+IMAGE_CONTENDERS = {"tf.data", "tf.data-uint8", "keras-image-dataset", "torch-torchvision", "torch-torchvision-uint8",
+                    "torch-pillow", "torch-pillow-uint8", "in-process-limit", "in-process-limit-uint8",
+                    "ringfeed-folder", "ringfeed-folder-uint8", "ringfeed-packed", "ringfeed-packed-uint8"}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> tuple[dict, Path]:
+    """A quick run of its own (data made afresh in a temporary folder), apart from the others' results."""
+    pytest.importorskip("sklearn")  # the photographs the JPEGs are cut from
+    folder = tmp_path_factory.mktemp("images")
+    out = folder / "out"
+    run_script("images.py", out, "--quick", "--out", str(out), "--data-dir", str(folder / "data"))
+    result = json.loads((out / "images.json").read_text())
+    assert result["quick"] is True and result["rounds"] == QUICK_ROUNDS
+    assert result["machine"]["cores"] == CORES and result["versions"]["numba"]
+    return result, out
+
+
+def test_images_measures_every_contender_or_says_why_not(images):
+    result, out = images
+    measured = {row["name"]: row for row in result["contenders"]}
+    skipped = {row["name"]: row["reason"] for row in result["skipped"]}
+    assert set(measured) | set(skipped) == IMAGE_CONTENDERS and not set(measured) & set(skipped)
+    assert all(isinstance(reason, str) and reason for reason in skipped.values())
+    must = IMAGE_CONTENDERS - {name for name in IMAGE_CONTENDERS if name.startswith("torch-")}
+    if importlib.util.find_spec("torch") is not None:
+        must |= {"torch-pillow", "torch-pillow-uint8"}
+    assert must <= set(measured), sorted(must - set(measured))
+    batch = result["settings"]["batch_size"]
+    for name, row in measured.items():
+        dtype = "uint8" if name.endswith("-uint8") else "float32"
+        assert row["dtype"] == dtype and row["delivered"] == {"x": [[batch, 224, 224, 3], dtype]}, name
+        assert row["median_images_per_s"] > 0 and row["median_mb_per_s"] > 0 and row["images_per_s_per_core"] > 0
+        assert row["ratio_to_tf_data"] > 0 and len(row["rounds"]) == QUICK_ROUNDS
+        assert all(r["images_per_s"] > 0 and r["batches"] > 0 for r in row["rounds"])
+    assert measured["tf.data"]["ratio_to_tf_data"] == pytest.approx(1.0)
+    assert (out / "images.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = result["settings"]["data"]
+    assert data["images"] == result["settings"]["images"] >= batch and data["classes"] == 10 and data["quality"] == 90
+
+
+def test_images_reports_the_target_ratios_per_core_figures_and_dct_share(images):
+    result, out = images
+    comparisons = {c["what"]: c for c in result["comparisons"]}
+    targets = {("in-process-limit", 0.9), ("tf.data", 1.3)}
+    for dtype in ("float32", "uint8"):
+        suffix = "" if dtype == "float32" else "-uint8"
+        rows = [c for c in comparisons.values()
+                if c["what"].endswith(dtype) and c["contender"] == f"ringfeed-packed{suffix}"]
+        got = {(c["reference"].removesuffix("-uint8"), c["target"]) for c in rows if c["reference"]}
+        assert {(name, t) for name, t in targets} <= got
+        best = next(c for c in rows if c["target"] == 2.0)  # the best DataLoader setup of that dtype
+        assert best["reference"] is None or best["reference"].startswith("torch-")
+    for c in comparisons.values():
+        if c["reference"] is None:  # no DataLoader could run (torch missing)
+            assert importlib.util.find_spec("torch") is None and c["ratio"] is None
+        else:  # a positive number: how fast is for the full run to say, never for a test
+            assert c["ratio"] > 0 and c["median_round_ratio"] > 0 and isinstance(c["met"], (bool, type(None)))
+    per_core = result["per_core"]
+    assert per_core["ffcv"]["per_vcpu"] == pytest.approx(31278 / 96)
+    for name in ("ringfeed-packed", "ringfeed-packed-uint8", "in-process-limit", "in-process-limit-uint8"):
+        assert per_core[name]["images_per_s_per_core"] > 0 and per_core[name]["ratio_to_ffcv_per_vcpu"] > 0
+    dct = result["dct"]
+    assert dct["full_us_per_image"] > 0 and dct["scaled_us_per_image"] > 0 and dct["share_saved"] < 1
+    assert sum(dct["factors"].values()) == dct["samples"] and set(dct["factors"]) == {"1", "2", "4", "8"}
+    printed = run_script("report.py", out, "--results", str(out)).stdout
+    assert "**Image files** (`benchmarks/images.py`)" in printed and "images.png" in printed
+    assert "ringfeed packed vs the in-process limit, float32" in printed and "FFCV" in printed
+    assert "benchmarks/images.py --quick" in printed
