@@ -63,6 +63,10 @@ class FanInFeed(BatchStream):
         return divmod(self._next, self.steps_per_epoch)
 
     @property
+    def progress(self) -> tuple[int, int]:
+        return self.position
+
+    @property
     def down(self) -> list[str]:
         """Endpoints currently skipped because they stopped answering."""
         return [e for e, f in zip(self.endpoints, self._feeds) if f is None]
@@ -90,6 +94,15 @@ class FanInFeed(BatchStream):
             self.stats["batches"] += 1
             self.stats["wait_s"] = sum(f.stats["wait_s"] for f in self._feeds if f is not None)
             return batch
+
+    def seek(self, position: tuple[int, int]) -> None:
+        """Make ``position`` the next batch: each server's feed moves to its shard's first batch
+        at or after it (a server that is down rejoins there)."""
+        n = len(self._feeds)
+        for shard, feed in enumerate(self._feeds):
+            if feed is not None:
+                feed.seek(self._shard_start(position, shard, n, self.steps_per_epoch))
+        self._next = position[0] * self.steps_per_epoch + position[1]
 
     def _rejoin(self, shard: int) -> Feed | None:
         if time.monotonic() < self._retry_at[shard]:

@@ -101,6 +101,23 @@ class FeedSpec:
         raise KeyError(f"no field {name!r}; the fields are {[field.name for field in self.fields]}")
 
 
+def check_state(state: dict, stream) -> tuple[int, int]:
+    """The position in ``state`` (a ``state_dict()``), once it is shown to be of ``stream``'s stream."""
+    if not isinstance(state, dict) or not isinstance(state.get("position"), (list, tuple)):
+        raise ValueError(f"not a ringfeed state_dict: {state!r}")
+    spec = stream.spec
+    ours = {"steps_per_epoch": stream.steps_per_epoch, "batch_size": spec.batch_size, "samples": spec.samples}
+    theirs = {key: state.get(key) for key in ours}
+    if theirs != ours:
+        raise ValueError(f"the state_dict is of another stream: {theirs}, this one has {ours}")
+    position = tuple(state["position"])
+    if (len(position) != 2 or not all(type(v) is int for v in position) or position[0] < 0
+            or not 0 <= position[1] < spec.steps_per_epoch):
+        raise ValueError(f"state_dict position {state['position']!r}: expected [epoch >= 0, index in "
+                         f"0..{spec.steps_per_epoch - 1}]")
+    return position
+
+
 def _feed_spec(welcome: protocol.WelcomeMsg) -> FeedSpec:
     fields = tuple(FieldSpec(field.name, field.shape[1:], np.dtype(field.dtype)) for field in welcome.layout.fields)
     return FeedSpec(welcome.batch_size, welcome.steps_per_epoch, welcome.samples, fields, welcome.structure)
@@ -146,6 +163,26 @@ class BatchStream:
             del batch
             while copying and copying[0][1].query():
                 copying.popleft()
+
+    def keras_input(self):
+        """A ``keras.utils.PyDataset`` whose length is the epoch: ``model.fit(feed.keras_input(),
+        epochs=E)`` needs no ``steps_per_epoch``, and Keras' epoch e is ringfeed's epoch e
+        (see ``client/keras.py``)."""
+        from .keras import KerasInput
+
+        return KerasInput(self)
+
+    def state_dict(self) -> dict:
+        """Where this stream is, as torchdata's ``StatefulDataLoader`` has it: the position of the
+        next batch ``next_batch`` will return, with what identifies the stream. A loop that
+        trains each batch as it takes it has trained through exactly this."""
+        spec = self.spec
+        return {"position": list(self.position), "steps_per_epoch": self.steps_per_epoch,
+                "batch_size": spec.batch_size, "samples": spec.samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a ``state_dict()`` of the same stream: the next batch is the one it names."""
+        self.seek(check_state(state, self))
 
     def as_tf_dataset(self, prefetch: int = 2):
         """A prefetching ``tf.data.Dataset`` whose ``element_spec`` is known without peeking."""
@@ -229,6 +266,11 @@ class Feed(BatchStream):
         epoch, k = divmod(self._next, self.steps_per_epoch)
         return epoch, self.shard[0] + k * self.shard[1]
 
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(epoch, how many of this feed's batches of that epoch it has handed out)."""
+        return divmod(self._next, self.steps_per_epoch)
+
     def next_batch(self, copy: bool = False) -> tuple:
         """The next batch as ``spec.structure`` puts it together: ``(x, y)`` or ``(x, y, w)``,
         each an array or a dict of arrays by field name; with ``copy``, arrays of their own
@@ -267,6 +309,27 @@ class Feed(BatchStream):
             self._next += 1
             self.stats["batches"] += 1
             return self.spec.structure.assemble(arrays)
+
+    def seek(self, position: tuple[int, int]) -> None:
+        """Make ``position`` (a batch of this feed's shard) the next batch: leave the server and
+        say HELLO again from there. Refused while batches are lent, whose slots the server
+        would reuse under them."""
+        epoch, index = position
+        i, n = self.shard
+        if self._closed:
+            raise RingfeedError("this Feed is closed")
+        if (index - i) % n:
+            raise ValueError(f"batch {position} is not in this feed's shard {self.shard}")
+        with self._lock:
+            self._flush()  # counts the lent arrays that have died since the last ACK
+            if self._lent:
+                raise RingfeedError(f"cannot seek while {len(self._lent)} batches are lent: let their arrays "
+                                    "go first (or take copies)")
+            if self._disconnected_at is None:
+                self._sock.send_multipart([protocol.BYE])
+            self._forget_connection()
+            self._start, self._next = (epoch, index), epoch * self.steps_per_epoch + (index - i) // n
+            self._connect(self._start)
 
     def close(self) -> None:
         """Leave the stream. Arrays already handed out stay valid: their slots are returned
@@ -383,11 +446,7 @@ class Feed(BatchStream):
     def _reconnect(self) -> None:
         """The server went away: HELLO a fresh socket from where we are, until ``timeout_s``."""
         deadline = max(self._disconnected_at + self.timeout_s, time.monotonic() + 2 * POLL_S)
-        self._inbox.clear()
-        self._errors.clear()
-        self._released = deque()  # slots of the old server mean nothing to the new one
-        self._lent.clear()
-        self._credit_owed = 0
+        self._forget_connection()
         try:
             self._connect(self.position, deadline)
         except ServerGoneError:
@@ -396,6 +455,14 @@ class Feed(BatchStream):
                 f"timeout_s={self.timeout_s}")
             raise self._failure from None
         self.stats["reconnects"] += 1
+
+    def _forget_connection(self) -> None:
+        """Drop what the last connection delivered or owed: its slots mean nothing to the next."""
+        self._inbox.clear()
+        self._errors.clear()
+        self._released = deque()
+        self._lent.clear()
+        self._credit_owed = 0
 
     # -- socket work (callers hold self._lock) -------------------------------
 

@@ -98,9 +98,10 @@ def run_demo(epochs: int = 8, workers: int | None = None, use_tf_dataset: bool =
     try:
         with Feed(state["endpoint"]) as feed:
             model = build_model(feed.spec.field("features").shape)
-            source = feed.as_tf_dataset() if use_tf_dataset else feed.generator()
+            # a tf.data.Dataset is endless, so Keras needs the epoch's length; keras_input() is one epoch long
+            source, steps = (feed.as_tf_dataset(), feed.steps_per_epoch) if use_tf_dataset else (feed.keras_input(), None)
             started = time.perf_counter()
-            model.fit(source, steps_per_epoch=feed.steps_per_epoch, epochs=epochs, shuffle=False,
+            model.fit(source, steps_per_epoch=steps, epochs=epochs, shuffle=False,
                       verbose=1 if sys.stdout.isatty() else 2)
             wall = time.perf_counter() - started
             status = query_status(state["endpoint"]) or {}
@@ -114,7 +115,7 @@ def run_demo(epochs: int = 8, workers: int | None = None, use_tf_dataset: bool =
             }
     finally:
         background.stop(NAME)
-    waiter = "tf.data's producer thread" if use_tf_dataset else "the trainer"
+    waiter = "tf.data's producer thread" if use_tf_dataset else "Keras' input thread"
     print(f"validation accuracy      {result['val_accuracy']:.3f}\n"
           f"loader delivered         {result['loader_samples_per_s']:.0f} samples/s "
           f"over {wall:.1f} s of training\n"

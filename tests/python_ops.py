@@ -1,6 +1,8 @@
 """Per-sample Python ops for the tests (``op = "python"``), imported by the workers as
 'python_ops:NAME' (the tests folder is on their path)."""
 
+import time
+
 import numpy as np
 from PIL import Image
 
@@ -30,4 +32,10 @@ def shrinks_after_sample_zero(sample, rng, label):
     """Right for sample 0 (which fixes the shapes), a smaller image for ``label``."""
     if int(sample["labels"]) == label:
         return {**sample, "features": sample["features"][1:]}
+    return sample
+
+
+def slow(sample, rng, seconds):
+    """A costly op: the loader, not the model, sets the pace."""
+    time.sleep(seconds)
     return sample

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import runpy
+import subprocess
+import sys
 import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +16,44 @@ import numpy as np
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def _blocks(section: str) -> list[tuple[str, str]]:
-    """(language, code) of each fenced block in the README section titled ``section``."""
-    text = README.read_text()
-    body = text[text.index(f"## {section}\n"):]
-    body = body[:body.index("\n## ", 1)]
-    return re.findall(r"```(\w+)\n(.*?)```", body, re.S)
+NOT_RUN = "<!-- not run:"  # the line before a block no test runs, saying why
+RUN_BY = {  # the README sections whose python blocks the tests below run, all of them
+    "Use it from `model.fit`": "test_the_fit_section_runs_as_printed_without_warnings",
+    "From Python, without the CLI": "test_the_service_from_python_snippet_runs_as_printed",
+    "Samples with several fields": "test_the_several_fields_example_runs_as_printed",
+    "Augmentation": "test_the_custom_op_snippet_runs_as_an_op",
+}
+
+
+def _all_blocks() -> list[tuple[str, str, str, bool]]:
+    """(section, language, code, marked not-run) of every fenced block, by nearest heading."""
+    blocks, section, lines = [], "", README.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            section = line.lstrip("#").strip()
+        elif line.startswith("```") and len(line) > 3:
+            end = lines.index("```", i + 1)
+            marked = i > 0 and lines[i - 1].startswith(NOT_RUN)
+            blocks.append((section, line[3:], "\n".join(lines[i + 1:end]) + "\n", marked))
+            i = end
+        i += 1
+    return blocks
+
+
+def _blocks(section: str, runnable_only: bool = False) -> list[tuple[str, str]]:
+    """(language, code) of each fenced block under the heading ``section``."""
+    return [(language, code) for heading, language, code, marked in _all_blocks()
+            if heading == section and not (runnable_only and marked)]
+
+
+def test_every_python_block_is_run_by_a_test_or_says_why_not():
+    blocks = [(section, marked) for section, language, _, marked in _all_blocks() if language == "python"]
+    assert len(blocks) >= 8
+    unrun = [section for section, marked in blocks if not marked and section not in RUN_BY]
+    assert unrun == []
+    assert all(name in globals() for name in RUN_BY.values())
 
 
 def test_the_several_fields_example_runs_as_printed(tmp_path, capsys):
@@ -70,3 +106,88 @@ def test_the_imagenet_style_config_makes_224_pixel_float_batches_from_an_image_f
             shm.unlink(segment)
     assert batch["image"].shape == (4, 224, 224, 3) and batch["image"].dtype == np.float32
     assert sorted(batch["label"].tolist()) == [0, 0, 1, 1]
+
+
+def _tiny_model():
+    import keras
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(4)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _run_python(code: str, namespace: dict) -> None:
+    exec(compile(code, "README.md", "exec"), {"__name__": "__main__", **namespace})
+
+
+def _run_sh(code: str, cwd: Path) -> None:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for line in code.splitlines():
+        command = line.split("#")[0].strip()
+        if command:
+            out = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True,
+                                 timeout=120)
+            assert out.returncode == 0, f"{command}: {out.stdout[-2000:]}{out.stderr[-2000:]}"
+
+
+def test_the_fit_section_runs_as_printed_without_warnings(tmp_path, monkeypatch):
+    """The section's shell lines against a real background service on a tiny dataset, and each
+    of its python blocks, in order, with ``model`` a small compiled Keras model."""
+    data = tmp_path / "my_dataset"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(data / "features.npy", rng.random((64, 8, 8, 3), dtype=np.float32))
+    np.save(data / "labels.npy", np.arange(64) % 4)
+    (tmp_path / "ringfeed.toml").write_text("batch_size = 8\nworkers = 1\n")
+    monkeypatch.chdir(tmp_path)
+    blocks = _blocks("Use it from `model.fit`", runnable_only=True)
+    stops = [code for language, code in blocks if "ringfeed stop" in code]
+    assert blocks[0][0] == "sh" and "ringfeed start" in blocks[0][1] and len(stops) == 1
+    try:  # the service stops last, after every snippet has used it
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for language, code in blocks:
+                if language == "python":
+                    _run_python(code, {"model": _tiny_model()})
+                elif code not in stops:
+                    _run_sh(code, tmp_path)
+    finally:
+        _run_sh(stops[0], tmp_path)
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    assert [language for language, _ in blocks].count("python") >= 3
+    assert (tmp_path / "checkpoints" / "latest.json").exists()
+
+
+def test_the_service_from_python_snippet_runs_as_printed():
+    import keras
+
+    (language, code), = _blocks("From Python, without the CLI")
+    assert language == "python" and "Service(config" in code
+    rng = np.random.default_rng(0)
+    model = keras.Sequential([keras.Input((56, 56, 3)), keras.layers.Flatten(), keras.layers.Dense(4)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = []
+    model.fit = lambda *args, **kwargs: history.append(keras.Model.fit(model, *args, **kwargs))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run_python(code, {"x_train": rng.random((512, 64, 64, 3), dtype=np.float32),
+                           "y_train": np.arange(512) % 4, "model": model})
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    assert len(history[0].history["loss"]) == 5
+
+
+def test_the_custom_op_snippet_runs_as_an_op(tmp_path, monkeypatch, name):
+    from client import Feed
+    from loader_server import Config, Service
+
+    (language, code), = [block for block in _blocks("Augmentation") if block[0] == "python"]
+    (tmp_path / "readme_ops.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    features = np.linspace(0, 1, 16 * 4 * 4 * 1, dtype=np.float32).reshape(16, 4, 4, 1)
+    config = Config(batch_size=16, workers=1, name=name, sampling="shuffle",
+                    augment=[{"op": "custom", "fn": "readme_ops:solarize", "params": [0.5]}])
+    with Service(config, features=features, labels=np.arange(16)) as svc, Feed(svc.endpoint) as feed:
+        x, y = feed.next_batch(copy=True)
+    source = features[y]
+    assert np.allclose(x, np.where(source > 0.5, 1.0 - source, source))
