@@ -263,7 +263,7 @@ class Feed(BatchStream):
     @property
     def position(self) -> tuple[int, int]:
         """(epoch, index) of the next batch this feed will return (its own shard's next, if sharded)."""
-        epoch, k = divmod(self._next, self.steps_per_epoch)
+        epoch, k = self.progress
         return epoch, self.shard[0] + k * self.shard[1]
 
     @property
@@ -328,7 +328,7 @@ class Feed(BatchStream):
             if self._disconnected_at is None:
                 self._sock.send_multipart([protocol.BYE])
             self._forget_connection()
-            self._start, self._next = (epoch, index), epoch * self.steps_per_epoch + (index - i) // n
+            self._start, self._next = (epoch, index), self._sequence((epoch, index))
             self._connect(self._start)
 
     def close(self) -> None:
@@ -429,7 +429,7 @@ class Feed(BatchStream):
         if self.spec is None:
             i, n = self.shard
             self.steps_per_epoch = len(range(i, spec.steps_per_epoch, n))  # batches per epoch for this feed
-            self._next = self._start[0] * self.steps_per_epoch + (self._start[1] - i) // n
+            self._next = self._sequence(self._start)
         self.spec = spec
         self.heartbeat_s = welcome.heartbeat_s
         self._ack_every = max(1, welcome.credit // 2)  # fewer messages, credit still flowing
@@ -455,6 +455,11 @@ class Feed(BatchStream):
                 f"timeout_s={self.timeout_s}")
             raise self._failure from None
         self.stats["reconnects"] += 1
+
+    def _sequence(self, position: tuple[int, int]) -> int:
+        """How many of this feed's batches come before ``position`` (a batch of its shard)."""
+        i, n = self.shard
+        return position[0] * self.steps_per_epoch + (position[1] - i) // n
 
     def _forget_connection(self) -> None:
         """Drop what the last connection delivered or owed: its slots mean nothing to the next."""
