@@ -17,6 +17,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -48,23 +49,51 @@ def log(message: str) -> None:
 
 # -- arguments and names ------------------------------------------------------
 
+def add_output_options(p: argparse.ArgumentParser, out_help: str = "folder for the results") -> None:
+    """``--out`` and ``--write-results``: only a deliberate full run updates the committed results."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, help=f"{out_help} (default: a new temporary folder, printed; "
+                       f"{RESULTS.relative_to(REPO)}/ with --write-results)")
+    where.add_argument("--write-results", action="store_true",
+                       help=f"a deliberate full run: write into {RESULTS.relative_to(REPO)}/, the results "
+                       "the README reports (refused with --quick)")
+
+
+def output_folder(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """Where this run writes: ``--out``, ``RESULTS`` with ``--write-results``, else a temporary
+    folder (said on stderr), so smoke and ad-hoc runs never overwrite the committed results."""
+    if args.write_results and getattr(args, "quick", False):
+        p.error("--quick --write-results: quick results are not committed; drop --quick for a full run, "
+                "or give --out DIR")
+    if args.out is not None:
+        folder = args.out
+    elif args.write_results:
+        folder = RESULTS
+    else:
+        folder = Path(tempfile.mkdtemp(prefix=f"ringfeed-{Path(sys.argv[0]).stem}-"))
+        log(f"writing the results to {folder} (--write-results updates {RESULTS.relative_to(REPO)}/)")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def parser(description: str, rounds: int, quick_rounds: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true",
                    help=f"a smoke run in under a minute: smaller data, {quick_rounds} short rounds")
     p.add_argument("--rounds", type=int, help=f"interleaved rounds (default {rounds}, {quick_rounds} with --quick)")
-    p.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the results (default {RESULTS})")
+    add_output_options(p)
     p.set_defaults(default_rounds=rounds, default_quick_rounds=quick_rounds)
     return p
 
 
 def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """The arguments, with ``rounds`` filled in and ``out`` the folder to write (``output_folder``)."""
     args = p.parse_args()
     if args.rounds is None:
         args.rounds = args.default_quick_rounds if args.quick else args.default_rounds
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = output_folder(p, args)
     return args
 
 

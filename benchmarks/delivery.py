@@ -12,7 +12,7 @@ the timed loop / batches), and the server's CPU time per batch, broker and
 workers apart. The Benchmarks issue's targets: >= 6,500 batches/s and
 <= 50 us of client CPU per batch.
 
-    .venv/bin/python benchmarks/delivery.py [--quick] [--rounds N] [--out DIR]
+    .venv/bin/python benchmarks/delivery.py [--quick] [--rounds N] [--out DIR | --write-results]
 """
 
 from __future__ import annotations

@@ -24,7 +24,15 @@ so the trainer waits less than that once the reader keeps ahead. tf.data
 inputs are read inside the compiled train step, where no wait is visible from
 Python: for those only the ratio to the ceiling tells.
 
-    .venv/bin/python benchmarks/fit.py [--quick] [--rounds N] [--out DIR]
+Autotuned workers (``workers = "auto"``, up to the core count) ride along
+beside the hand-picked counts (1, 2, 4, ... cores): each auto route's steps/s
+over the best hand-picked count's, as a ratio of medians and as the median of
+each round's own ratio. Then a loader-only phase pulls each generator feed
+with nothing else to do (round-robin, ``LOADER_SETTLE_S`` untimed first, the
+same for every count, in which auto finds its count) and compares the same
+way, in samples/s. The issue's target for both: auto >= 0.95x the best.
+
+    .venv/bin/python benchmarks/fit.py [--quick] [--rounds N] [--out DIR | --write-results]
 """
 
 from __future__ import annotations
@@ -37,6 +45,10 @@ import benchlib
 from benchlib import AUGMENT, BATCH, CLASSES, CROP, IMAGE, SEED, log
 
 RING_BATCHES = 32  # the default ring's slots for 2 workers
+AUTO = "auto"
+AUTO_TARGET = 0.95  # the issue's bar: auto within 5% of the best hand-picked worker count
+LOADER_SETTLE_S = 2.0  # untimed pulling before each loader-only measurement (0.5 quick)
+LOADER_SECONDS = 3.0  # timed pulling per loader-only measurement (0.5 quick)
 
 
 def repeat(batch):
@@ -142,16 +154,26 @@ class Classic(TimedReader):
         return self.timed(benchlib.classic_generator(self.features, self.labels, seed=SEED + round_))
 
 
+def ringfeed_contender(route: str, workers: int | str) -> tuple[str, str]:
+    """(name, label) of a ringfeed contender with ``workers`` a count or ``"auto"``."""
+    if workers != AUTO:
+        return benchlib.ringfeed_contender(route, workers)
+    name, label = benchlib.ringfeed_contender(route, 1)
+    return name.removesuffix("-w1") + "-auto", label.replace("1 worker", 'workers = "auto"')
+
+
 class RingfeedGenerator(Input):
     """A feed of its own service, open for the whole run (an idle feed holds slots of its service)."""
 
     group = "ringfeed"
 
-    def __init__(self, endpoint: str, workers: int, **feed_options):
+    def __init__(self, endpoint: str, workers: int | str, **feed_options):
         from client import Feed
 
-        super().__init__(*benchlib.ringfeed_contender("generator", workers), workers)
+        super().__init__(*ringfeed_contender("generator", workers), workers)
+        self.endpoint = endpoint
         self.feed = Feed(endpoint, **feed_options)
+        self.loader_rounds: list[float] = []  # loader-only samples/s
 
     def data(self, round_: int):
         return self.feed.generator()
@@ -166,7 +188,7 @@ class RingfeedGenerator(Input):
 class RingfeedTfDataset(RingfeedGenerator):
     def __init__(self, endpoint: str, workers: int):
         super().__init__(endpoint, workers)
-        self.name, self.label = benchlib.ringfeed_contender("tf-dataset", workers)
+        self.name, self.label = ringfeed_contender("tf-dataset", workers)
 
     def data(self, round_: int):
         return self.feed.as_tf_dataset()
@@ -244,6 +266,53 @@ def run_rounds(inputs: list[Input], rounds: int, warmup: int, steps: int) -> Non
                 + f"  (other processes: {s.rounds[-1]['other_load']:.0%} of the cores)")
 
 
+def loader_rounds(feeds: list[RingfeedGenerator], rounds: int, seconds: float, settle_s: float) -> None:
+    """Loader-only: pull each feed's generator with nothing else to do, round-robin; each
+    measurement ``settle_s`` untimed first, then ``seconds`` timed. Samples/s in ``loader_rounds``."""
+    for r in range(rounds):
+        shift = r % len(feeds)
+        for s in feeds[shift:] + feeds[:shift]:
+            batches = s.feed.generator()
+            settled = time.perf_counter() + settle_s
+            while time.perf_counter() < settled:
+                next(batches)
+            count, elapsed = benchlib.timed(lambda: next(batches), seconds, 0)
+            s.loader_rounds.append(count * BATCH / elapsed)
+            log(f"[loader-only {r + 1}/{rounds}] {s.name:<24} {s.loader_rounds[-1]:>10,.0f} samples/s")
+
+
+def auto_versus_best(auto: list[float], picked: dict[str, list[float]]) -> dict:
+    """auto's rounds against each hand-picked count's (same rounds, same order): the ratio of
+    medians to the best median, and the median of each round's ratio to that round's best."""
+    medians = {name: benchlib.median(values) for name, values in picked.items()}
+    best = max(medians, key=medians.get)
+    per_round = [a / max(values[r] for values in picked.values()) for r, a in enumerate(auto)]
+    return {"auto": benchlib.median(auto), "best": best, "best_median": medians[best],
+            "ratio": benchlib.median(auto) / medians[best], "median_round_ratio": benchlib.median(per_round),
+            "target": AUTO_TARGET}
+
+
+def autotune_comparisons(inputs: list[Input], fit_steps: list[Input], feeds: list[RingfeedGenerator]) -> list:
+    """The issue's two autotune figures: model.fit steps/s per route, and loader-only samples/s."""
+    comparisons = []
+    for route in ("generator", "tf-dataset"):
+        picked = {s.name: [r["steps_per_s"] for r in s.rounds] for s in inputs
+                  if s.group == "ringfeed" and s.name.startswith(f"ringfeed-{route}-w")}
+        auto = next(s for s in fit_steps if s.name == f"ringfeed-{route}-auto")
+        comparisons.append({"what": f"model.fit steps/s, {route}",
+                            **auto_versus_best([r["steps_per_s"] for r in auto.rounds], picked)})
+    picked = {s.name: s.loader_rounds for s in feeds if s.workers != AUTO}
+    auto = next(s for s in feeds if s.workers == AUTO)
+    comparisons.append({"what": "loader-only samples/s, generator", **auto_versus_best(auto.loader_rounds, picked)})
+    return comparisons
+
+
+def workers_active(endpoint: str) -> int | None:
+    from client.status import query_status
+
+    return (query_status(endpoint) or {}).get("workers_active")
+
+
 def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0], rounds=5, quick_rounds=2)
     p.add_argument("--steps", type=int, help="timed steps per fit (default 300, 15 quick)")
@@ -265,14 +334,36 @@ def main() -> None:
                                                             features, labels):
             inputs.append(kind(endpoint, w))
             stack.callback(inputs[-1].stop)
-        run_rounds(inputs, args.rounds, warmup, steps)
+        autos: list[Input] = []
+        for kind, w, endpoint in benchlib.ringfeed_services(stack, "fit", (RingfeedGenerator, RingfeedTfDataset),
+                                                            features, labels, counts=[AUTO]):
+            autos.append(kind(endpoint, w))
+            stack.callback(autos[-1].stop)
+        run_rounds(inputs + autos, args.rounds, warmup, steps)
+        active_after_fit = {s.name: workers_active(s.endpoint) for s in autos}
+        feeds = [s for s in inputs + autos if type(s) is RingfeedGenerator]
+        loader_rounds(feeds, args.rounds, *((0.5, 0.5) if args.quick else (LOADER_SECONDS, LOADER_SETTLE_S)))
+        active_after_loader = {s.name: workers_active(s.endpoint) for s in autos}
 
-    rows = summarize(inputs, {"ratio_to_ceiling": "ceiling", "ratio_to_tf_data": "tf.data",
-                              "ratio_to_generator_path": "generator-path"})
-    result["inputs"] = rows
+    rows = summarize(inputs + autos, {"ratio_to_ceiling": "ceiling", "ratio_to_tf_data": "tf.data",
+                                      "ratio_to_generator_path": "generator-path"})
+    auto_names = {s.name for s in autos}
+    result["inputs"] = [row for row in rows if row["name"] not in auto_names]
+    result["autotune"] = {
+        "inputs": [row for row in rows if row["name"] in auto_names],
+        "loader_only": {s.name: {"workers": s.workers, "median_samples_per_s": benchlib.median(s.loader_rounds),
+                                 "rounds": s.loader_rounds} for s in feeds},
+        "loader_seconds": 0.5 if args.quick else LOADER_SECONDS,
+        "loader_settle_s": 0.5 if args.quick else LOADER_SETTLE_S,
+        "workers_active_after_fit": active_after_fit, "workers_active_after_loader_only": active_after_loader,
+        "comparisons": autotune_comparisons(inputs, autos, feeds)}
     benchlib.write_json(args.out / "fit.json", result)
     print_table(rows, {"x ceiling": "ratio_to_ceiling", "per round": "round_ratio_to_ceiling",
                        "x gen path": "ratio_to_generator_path", "x tf.data": "ratio_to_tf_data"})
+    for c in result["autotune"]["comparisons"]:
+        print(f"auto / best hand-picked ({c['best']}), {c['what']}: {c['ratio']:.2f}x "
+              f"(per round {c['median_round_ratio']:.2f}x), target >= {c['target']:g}x")
+    print(f"workers active with auto: after the fits {active_after_fit}, after loader-only {active_after_loader}")
 
 
 def print_table(rows: list[dict], ratios: dict[str, str]) -> None:

@@ -31,7 +31,7 @@ to the end of the last step, as in ``fit.py``. Without CUDA it runs on the
 CPU, and says so in its output (the test suite runs ``--quick`` that way).
 It sets ``KERAS_BACKEND=torch`` itself; PyTorch must be installed.
 
-    .venv/bin/python benchmarks/gpu_fit.py [--quick] [--workers N] [--ringfeed-workers N ...] [--out DIR]
+    .venv/bin/python benchmarks/gpu_fit.py [--quick] [--workers N] [--ringfeed-workers N ...] [--out DIR | --write-results]
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ downscaling saves on the boxes the crop draws. ``--quick`` (a smoke run:
 says nothing about speed.
 
     .venv/bin/python benchmarks/images.py [--quick] [--rounds N] [--seconds S] [--images N]
-                                          [--batch-size N] [--data-dir DIR] [--out DIR]
+                                          [--batch-size N] [--data-dir DIR] [--out DIR | --write-results]
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ client, and, for reference, the zero-copy shm path. Reported: median MB/s of
 delivered x bytes and samples/s; the Scale-out issue's target is ringfeed TCP
 >= 0.8x raw pyzmq.
 
-    .venv/bin/python benchmarks/remote.py [--quick] [--rounds N] [--out DIR]
+    .venv/bin/python benchmarks/remote.py [--quick] [--rounds N] [--out DIR | --write-results]
 """
 
 from __future__ import annotations

@@ -246,8 +246,10 @@ def render(results: Path, readme_dir: Path) -> str:
     for name, result in loaded.items():
         lines.append("")
         lines += sections[name](result) if result else \
-            [f"({name}.json missing: run benchmarks/{RESULTS[name][0]}.py)"]
-    lines += ["", "Reproduce (from the repository root; `--quick` runs each in under a minute):", "", "```sh"]
+            [f"({name}.json missing: run benchmarks/{RESULTS[name][0]}.py --write-results)"]
+    lines += ["", "Reproduce (from the repository root; only `--write-results` updates `benchmarks/results/`, "
+              "and without it or `--out DIR` a run writes to a temporary folder it names; `--quick` runs each "
+              "in under a minute, and is never written there):", "", "```sh"]
     for name, result in loaded.items():
         script = RESULTS[name][0]
         flags = [f"--workload {name.split('-')[1]}"] if script == "remote" else []
@@ -261,6 +263,8 @@ def render(results: Path, readme_dir: Path) -> str:
         written = f"remote-{name.split('-')[1]}" if script == "remote" else script
         if written != name:  # another machine's run of a script whose file this machine's run has
             flags += [f"--out /tmp/{name} && mv /tmp/{name}/{written}.json benchmarks/results/{name}.json"]
+        elif "--quick" not in flags:  # without it a run writes to a temporary folder
+            flags.append("--write-results")
         lines.append(" ".join([".venv/bin/python", f"benchmarks/{script}.py", *flags]) + took)
     lines += [".venv/bin/python benchmarks/report.py --write-readme", "```"]
     return "\n".join(lines)
@@ -273,7 +277,7 @@ def run_flags(command: str) -> list[str]:
         arg = args.pop(0)
         if arg == "--out":
             args = args[1:]
-        elif not arg.startswith("--out="):
+        elif not arg.startswith("--out=") and arg != "--write-results":
             flags.append(shlex.quote(arg))
     return flags
 

@@ -32,7 +32,7 @@ warning per restart) goes to ``--server-log``, not the terminal.
 
     .venv/bin/python benchmarks/soak.py --minutes 10 [--kill-every-s 2.0] [--stop-every-s 60]
                                         [--tcp-rate 20] [--workers 2]
-                                        [--out benchmarks/results/soak.json]
+                                        [--out FILE.json | --write-results]
 
 Exit status: 0 clean; 1 if any duplicate, loss, unexpected id or mismatching
 batch was seen; 2 if the run failed otherwise (an exception in the consumer,
@@ -412,8 +412,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sample-every-s", type=float, default=10.0,
                    help="RSS/status sampling interval (default 10)")
     p.add_argument("--timeout-s", type=float, default=30.0, help="the Feed's timeout_s (default 30)")
-    p.add_argument("--out", type=Path, default=benchlib.RESULTS / "soak.json",
-                   help="JSON results (default benchmarks/results/soak.json)")
+    benchlib.add_output_options(p, out_help="the JSON results file")
     p.add_argument("--server-log", type=Path,
                    help="where the server's and workers' stderr go (default: next to --out, .server.log)")
     args = p.parse_args()
@@ -424,6 +423,8 @@ def parse_args() -> argparse.Namespace:
         p.error("--check-every must be at least 1")
     if args.image < 5:
         p.error("--image must be at least 5")
+    if args.out is None:
+        args.out = benchlib.output_folder(p, args) / "soak.json"
     if args.server_log is None:
         args.server_log = args.out.with_suffix(".server.log")
     return args

@@ -19,7 +19,7 @@ augmentation as per-sample numpy in a ``python`` op (``python_ops.py``)
 against the PyTorch DataLoader running the same function; and, in-process on
 one thread, the cost per sample of that python op against the numba ops.
 
-    .venv/bin/python benchmarks/throughput.py [--quick] [--rounds N] [--out DIR]
+    .venv/bin/python benchmarks/throughput.py [--quick] [--rounds N] [--out DIR | --write-results]
 """
 
 from __future__ import annotations

@@ -47,9 +47,10 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import mailbox, pinning, protocol
+from .endpoints import expand_endpoints
 from .errors import PinMemoryError, RemoteWorkerError, RingfeedError, ServerGoneError
 from .leases import RingMapping, copy_arrays, frame_arrays, lease_arrays
-from .paths import check_name, default_endpoint, pid_namespace, runtime_dir, trusted_runtime_dir
+from .paths import check_name, pid_namespace, runtime_dir, service_endpoint, trusted_runtime_dir
 from .security import client_curve_options
 from .structure import Structure
 
@@ -57,21 +58,23 @@ POLL_S = 0.02
 PEEKED_BATCHES = 2
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_PREFETCH = 16  # the server grants at most half its ring
+BYE_LINGER_MS = 200  # how long a closed socket may still spend sending its BYE
 TRANSPORTS = ("auto", "shm", "frames")
 _MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 def _local_endpoint(name: str) -> str:
-    """The endpoint of the local service ``name``, once its runtime folder is found trustworthy
-    (``PermissionError`` if not): whoever can write there could stand in for the server."""
+    """The endpoint of the local service ``name`` (its state file's, else the default ipc one),
+    once its runtime folder is found trustworthy (``PermissionError`` if not): whoever can write
+    there could stand in for the server."""
     check_name(name)
     try:
         trusted_runtime_dir()
     except FileNotFoundError:  # and nobody may plant it while we wait for a server to answer
         raise ServerGoneError(f"no ringfeed service {name!r} runs here: its runtime folder "
                               f"{runtime_dir()} does not exist (ringfeed start, or pass an endpoint)") from None
-    return default_endpoint(name)
+    return service_endpoint(name)
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,9 @@ class Feed(BatchStream):
 
     ``Feed(endpoint=None, timeout_s=5.0)``: ``None`` means the local service
     called ``name``; a list of endpoints fans in from several servers (see
-    ``fanin.FanInFeed``). ``start=(epoch, index)`` resumes a stream;
+    ``fanin.FanInFeed``), and so does a string of comma-separated endpoints or
+    one with a range, ``tcp://ringfeed-loader-{0..2}.ringfeed-loader:5555``
+    (``client/endpoints.py``). ``start=(epoch, index)`` resumes a stream;
     ``copy=True`` copies every batch out of the ring instead of lending it.
     ``transport``: "shm" maps the server's ring (same host), "frames" receives
     each batch's bytes (any host), "auto" maps when it can. Feeds that share a
@@ -215,6 +220,8 @@ class Feed(BatchStream):
     """
 
     def __new__(cls, endpoint=None, **options):
+        if isinstance(endpoint, str) and len(endpoints := expand_endpoints(endpoint)) > 1:
+            endpoint = endpoints
         if isinstance(endpoint, (list, tuple)):
             from .fanin import FanInFeed
 
@@ -233,7 +240,7 @@ class Feed(BatchStream):
             raise ValueError(f"prefetch must be an integer >= 1, got {prefetch!r}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-        self.endpoint = endpoint or _local_endpoint(name)
+        self.endpoint = expand_endpoints(endpoint)[0] if endpoint else _local_endpoint(name)
         self.transport, self.job, self.shard = transport, job, tuple(shard)
         self.timeout_s, self.copy, self.prefetch = timeout_s, copy, prefetch
         self.pin_memory = pin_memory
@@ -343,6 +350,21 @@ class Feed(BatchStream):
                                   and not msg.flags & protocol.FLAG_ERROR)
             self._inbox.clear()
             self._flush()
+            if self._can_leave():  # now, not on the heartbeat thread's next turn: the process may exit first
+                self._leave()
+
+    def _can_leave(self) -> bool:
+        return self._closed and (not self._lent or self._failure is not None or self._disconnected_at is not None)
+
+    def _leave(self) -> None:
+        """Say BYE (the server logs a clean close, not a vanished client) and close the sockets."""
+        if self._disconnected_at is None:
+            self._sock.send_multipart([protocol.BYE])
+        self._sock.close(linger=BYE_LINGER_MS)
+        self._monitor.close(0)
+        # Arrays still lent keep the mapping through their leases; let the rest
+        # go now, and with it a pinned ring's page lock.
+        self._mapping = self._mailbox = None
 
     # -- connection (callers hold self._lock, except during __init__) -------
 
@@ -620,14 +642,7 @@ class Feed(BatchStream):
                 self._pump(0)
                 self._flush()
                 self._check_alive()
-                if self._closed and (not self._lent or self._failure is not None
-                                     or self._disconnected_at is not None):
-                    if self._disconnected_at is None:
-                        self._sock.send_multipart([protocol.BYE])
-                    self._sock.close(0)
-                    self._monitor.close(0)
-                    # Arrays still lent keep the mapping through their leases; let the rest
-                    # go now, and with it a pinned ring's page lock.
-                    self._mapping = self._mailbox = None
+                if self._can_leave():
+                    self._leave()
                     return
                 self._keepalive(0.0)

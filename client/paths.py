@@ -118,12 +118,51 @@ def default_endpoint(name: str = "default") -> str:
     return f"ipc://{runtime_dir() / (name + '.sock')}"
 
 
+def check_endpoint(endpoint) -> str:
+    """``endpoint`` if it is ``ipc://PATH`` or ``tcp://HOST:PORT``; else ``ValueError`` naming it."""
+    scheme, sep, rest = endpoint.partition("://") if isinstance(endpoint, str) else ("", "", "")
+    if not sep or scheme not in ("ipc", "tcp") or not rest:
+        raise ValueError(f"endpoint must be ipc://PATH or tcp://HOST:PORT, got {endpoint!r}")
+    if scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"endpoint must be tcp://HOST:PORT with a port from 1 to 65535, got {endpoint!r}")
+    return endpoint
+
+
+def service_endpoint(name: str = "default") -> str:
+    """Where the local service ``name`` listens: the endpoint its state file names (a TCP one
+    too), else the default ipc endpoint. ``PermissionError`` if the state file is not trusted."""
+    try:
+        state = read_state_file(state_file(name))
+    except ValueError:  # too large or not a JSON object: not a file a server wrote
+        state = None
+    try:
+        return check_endpoint(state.get("endpoint") if state else None)
+    except ValueError:
+        return default_endpoint(name)
+
+
+def ipc_socket_path(endpoint: str) -> Path | None:
+    """The socket file of an ``ipc://`` endpoint; None for other transports."""
+    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+
+
 def state_file(name: str = "default") -> Path:
     return runtime_dir() / f"{name}.json"
 
 
 def log_file(name: str = "default") -> Path:
     return runtime_dir() / f"{name}.log"
+
+
+def service_names() -> list[str]:
+    """The names of the services with a state file in the runtime folder (live or not), sorted."""
+    try:
+        folder = check_runtime_dir(runtime_dir())
+    except FileNotFoundError:
+        return []
+    return sorted(path.stem for path in folder.glob("*.json") if SERVICE_NAME.match(path.stem))
 
 
 def pid_namespace_id() -> int:

@@ -5,19 +5,31 @@ from __future__ import annotations
 import zmq
 
 from . import protocol
+from .paths import check_endpoint, ipc_socket_path
 from .security import client_curve_options
 
+STATUS_TIMEOUT_S = 2.0
 
-def query_status(endpoint: str, timeout_s: float = 2.0, curve_server_key: str | None = None,
+
+def query_status(endpoint: str, timeout_s: float = STATUS_TIMEOUT_S, curve_server_key: str | None = None,
                  curve_secret_key: str | None = None) -> dict | None:
-    """The server's status counters, or ``None`` if nothing answered within ``timeout_s``.
-    A CURVE server needs its public key and an authorised client secret key file."""
+    """The server's status counters, or ``None`` if nothing answered within ``timeout_s`` (at
+    once when an ipc endpoint's socket file does not exist). ``ValueError`` for an endpoint that
+    is not ``ipc://PATH`` or ``tcp://HOST:PORT``. A CURVE server needs its public key and an
+    authorised client secret key file."""
+    check_endpoint(endpoint)
+    socket_path = ipc_socket_path(endpoint)
+    if socket_path is not None and not socket_path.exists():
+        return None  # no server made it: nothing can answer, however long we wait
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     for option, value in client_curve_options(curve_server_key, curve_secret_key).items():
         sock.setsockopt(option, value)
     try:
-        sock.connect(endpoint)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            raise ValueError(f"endpoint {endpoint!r} cannot be connected to: {exc}") from None
         sock.send_multipart([protocol.STATUS])
         if not sock.poll(timeout_s * 1000):
             return None

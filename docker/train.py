@@ -3,8 +3,9 @@
 Environment:
 
 - ``RINGFEED_ENDPOINT``: the loader, e.g. ``tcp://loader:5555`` or
-  ``ipc:///run/ringfeed/loader.sock``; several loaders comma-separated
-  (``tcp://ringfeed-loader-1:5555,tcp://ringfeed-loader-2:5555``).
+  ``ipc:///dev/shm/ringfeed-loader.sock``; several loaders comma-separated
+  (``tcp://ringfeed-loader-1:5555,tcp://ringfeed-loader-2:5555``) or as a
+  range (``tcp://ringfeed-loader-{1..2}:5555``).
 - ``EPOCHS`` (2), ``NUM_CLASSES`` (10), ``RINGFEED_TIMEOUT_S`` (30).
 - ``RINGFEED_TRANSPORT``: ``shm`` (map the loader's ring: same IPC namespace;
   fails loudly otherwise), ``frames`` (batch bytes over the socket, any host)
@@ -25,10 +26,15 @@ import time
 
 
 def endpoints_from_env() -> str | list[str]:
-    raw = os.environ.get("RINGFEED_ENDPOINT", "tcp://loader:5555")
-    endpoints = [e.strip() for e in raw.split(",") if e.strip()]
-    if not endpoints:
+    from client.endpoints import expand_endpoints
+
+    raw = os.environ.get("RINGFEED_ENDPOINT", "tcp://loader:5555").strip()
+    if not raw:
         raise SystemExit("RINGFEED_ENDPOINT is empty; set it to e.g. tcp://loader:5555")
+    try:
+        endpoints = expand_endpoints(raw)
+    except ValueError as exc:
+        raise SystemExit(f"RINGFEED_ENDPOINT: {exc}") from None
     return endpoints[0] if len(endpoints) == 1 else endpoints
 
 
@@ -87,8 +93,8 @@ def main() -> int:
         print(f"ringfeed at {endpoint}: {feed.spec}", flush=True)
         model = build_model(feed.spec, num_classes)
         started = time.perf_counter()
-        model.fit(feed.generator(), steps_per_epoch=feed.steps_per_epoch, epochs=epochs,
-                  callbacks=[make_throughput_callback(feed)], verbose=2)
+        model.fit(feed.generator(), steps_per_epoch=feed.steps_per_epoch, epochs=epochs, shuffle=False,
+                  callbacks=[make_throughput_callback(feed)], verbose=2)  # the stream is shuffled
         seconds = time.perf_counter() - started
         steps = epochs * feed.steps_per_epoch
         print(f"trained {epochs} epoch(s), {steps} steps in {seconds:.1f} s: {steps / seconds:.1f} steps/s "

@@ -5,7 +5,8 @@ log file, under ``python -P``: neither the server nor its workers
 (multiprocessing passes ``-P`` on) import modules from the caller's current
 folder, where a ``secrets.py`` would otherwise shadow the standard library.
 It returns once the server has written its state file (which it does when
-the workers are warm and the endpoint is bound) or fails with the log's tail.
+the workers are warm and the endpoint is bound) or fails with this start's
+log lines (earlier runs' are left out), its last error line first.
 ``stop`` sends SIGTERM (the server's shutdown protocol does the rest),
 escalates to SIGKILL after ``STOP_TIMEOUT_S`` and then removes whatever the
 dead server left behind. Both are bounded and idempotent.
@@ -14,18 +15,23 @@ dead server left behind. Both are bounded and idempotent.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
-from client.paths import ensure_runtime_dir, log_file, read_state_file, state_file
+from client.paths import ensure_runtime_dir, log_file, read_state_file, runtime_dir, service_names, state_file
 
 from . import shm
 from .procs import pid_alive
 
 POLL_S = 0.2
 STOP_TIMEOUT_S = 15.0
+LOG_LINES = 25
+MAX_LOG_READ_BYTES = 256 * 1024  # of this start's log: its last lines are what explains a failure
+# What a failed start's last words look like: our own one-line error, an exception, a logged error
+_ERROR_LINE = re.compile(r"^(ringfeed: |[\w.]*(Error|Exception|Exit|Failed|Interrupt)\b)| ERROR ")
 
 
 class BackgroundError(RuntimeError):
@@ -46,17 +52,42 @@ def read_state(name: str) -> dict | None:
         raise BackgroundError(str(exc)) from None
     except (ValueError, KeyError, TypeError):
         return None
-    if not pid_alive(pid):
+    # A file naming this very process is an earlier life's: a container restarted gives its
+    # server the same pid, and a live server never reads its own state file.
+    if not pid_alive(pid) or pid == os.getpid():
         path.unlink(missing_ok=True)
         return None
     return state
 
 
-def _tail(path, lines: int = 25) -> str:
+def name_at(endpoint: str) -> str:
+    """The name of the live service whose state file says it listens at ``endpoint``."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        names = service_names()
+    except PermissionError as exc:  # an untrusted folder: its state files name pids to signal
+        raise BackgroundError(str(exc)) from None
+    for name in names:
+        state = read_state(name)
+        if state is not None and state.get("endpoint") == endpoint:
+            return name
+    raise BackgroundError(f"no running ringfeed service listens at {endpoint!r} (none of the state files "
+                          f"in {runtime_dir()} names it); see ringfeed status --endpoint {endpoint}")
+
+
+def _start_failed(what: str, path, offset: int) -> BackgroundError:
+    """``what`` went wrong: the error, with the log lines written since ``offset`` (this start's,
+    not earlier runs'), the last error line first."""
+    try:
+        with open(path, "rb") as log:
+            size = os.fstat(log.fileno()).st_size
+            log.seek(max(offset, size - MAX_LOG_READ_BYTES))
+            lines = log.read(MAX_LOG_READ_BYTES).decode(errors="replace").splitlines()[-LOG_LINES:]
     except FileNotFoundError:
-        return "(no log)"
+        lines = []
+    errors = [line for line in lines if _ERROR_LINE.search(line)]
+    first = f": {errors[-1].removeprefix('ringfeed: error: ')}" if errors else ""
+    body = "\n".join(lines) if lines else "(nothing logged)"
+    return BackgroundError(f"{what}{first}\nlog {path}, this start's lines:\n{body}")
 
 
 def start(serve_args: list[str], name: str, timeout_s: float) -> dict:
@@ -68,6 +99,7 @@ def start(serve_args: list[str], name: str, timeout_s: float) -> dict:
     ensure_runtime_dir()
     log_path = log_file(name)
     with open(log_path, "ab") as log:
+        offset = os.fstat(log.fileno()).st_size
         proc = subprocess.Popen([sys.executable, "-P", "-m", "loader_server.cli", "serve", *serve_args],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -75,16 +107,14 @@ def start(serve_args: list[str], name: str, timeout_s: float) -> dict:
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
-            raise BackgroundError(f"ringfeed server exited with code {code} during start-up; "
-                                  f"log {log_path}:\n{_tail(log_path)}")
+            raise _start_failed(f"ringfeed server exited with code {code} during start-up", log_path, offset)
         state = read_state(name)
         if state and state["pid"] == proc.pid:  # written once the workers are warm and the endpoint bound
             return {**state, "log": str(log_path)}
         time.sleep(POLL_S)
     proc.kill()
     proc.wait(STOP_TIMEOUT_S)
-    raise BackgroundError(f"ringfeed server was not ready within {timeout_s} s; log {log_path}:\n"
-                          f"{_tail(log_path)}")
+    raise _start_failed(f"ringfeed server was not ready within {timeout_s} s", log_path, offset)
 
 
 def _wait_gone(pid: int, timeout_s: float) -> bool:

@@ -45,9 +45,11 @@ from client import protocol
 from client.paths import pid_namespace
 from client.protocol import BatchMsg, ProtocolError, TaskMsg
 
+from .autotune import AutoWorkers
 from .channel import ChannelError
-from .config import Config
+from .config import AUTO_WORKERS, Config
 from .deadlines import ProgressClock
+from .metrics import IDLE_WORKER, Metrics
 from .pool import RestartLimitError, WorkerPool
 from .procs import pid_alive
 from .ratelimit import LogLimiter
@@ -60,7 +62,6 @@ TICK_S = 0.1
 TRANSIT_POLL_S = 0.0005  # the first look at frames on the wire; each look that frees nothing waits twice as long,
 TRANSIT_POLL_MAX_S = 0.008  # up to this: a large batch takes milliseconds to send, and each wake costs CPU
 WORKER_INFLIGHT = 16  # a feed's default credit: one worker alone can hold all of it
-RATE_WINDOW_S = 5.0
 CLIENT_TIMEOUT_FACTOR = 1.5
 LOCAL_CLIENT_SILENCE_S = 60.0
 MAX_DEATHS_PER_BATCH = 3
@@ -69,6 +70,7 @@ LOCAL_PID_CHECK_S = 1.0  # how often a local client's pid is looked up in /proc
 RESTART_RETRY_S = 1.0
 FAILED_LINGER_S = 10.0  # a failed service answers clients and status this long, then exits
 PEER_LOG_EVERY_S = 5.0  # log lines a peer can cause, at most one per this interval
+STATUS_MAX_WORKERS = 256  # per-worker figures in a status reply: it must fit protocol.MAX_JSON_BYTES
 
 
 @dataclass
@@ -122,13 +124,16 @@ class Broker:
         self.leased = 0  # shm slots in client hands
         self.served = 0
         self.skipped = 0
-        self.served_times: deque[float] = deque()
         self.protocol_errors = 0
         self.started = time.monotonic()
+        self.metrics = Metrics(time.monotonic)
+        self.status_extra: dict = {}  # more status keys, set by the service (the metrics URL)
         self.last_ping = 0.0
         self.last_starved_warning = time.monotonic()
         self.max_credit = max(1, self.layout.slots // 2)
         self.progress = ProgressClock(config.task_timeout_s)
+        # workers = "auto": tasks go only to as many of the lowest ids as the tuner says
+        self.auto = AutoWorkers(len(self.workers), time.monotonic()) if config.workers == AUTO_WORKERS else None
         self.unstarted: set[int] = set()  # workers whose replacement could not be started yet
         self.next_restart_retry = 0.0
         self.rebuild_poller = False
@@ -173,6 +178,8 @@ class Broker:
                 self._warn_if_starved(now)
                 self._kill_hung_workers(now)
                 self._retry_starts(now)
+                if self.auto is not None:
+                    self.auto.tick(now, self.served, len(self.free), self.metrics.take_interval())
                 for task in self.housekeeping:
                     task()
             self._schedule()
@@ -265,6 +272,7 @@ class Broker:
 
     def _progressed(self, worker_id: int, batches: int) -> None:
         self.progress.progressed(worker_id, batches, time.monotonic(), bool(self.workers[worker_id].inflight))
+        self.metrics.worker_progressed(worker_id, batches, bool(self.workers[worker_id].inflight))
 
     def _on_worker_hello(self, worker_id: int, claimed_id: int, pid: int) -> None:
         if claimed_id != worker_id or self.pool.pid(worker_id) != pid:
@@ -272,6 +280,7 @@ class Broker:
         self.workers[worker_id].ready = True
         if not self.is_ready and all(w.ready for w in self.workers.values()):
             self.is_ready = True
+            self.metrics = Metrics(time.monotonic)  # rates since start count from when clients can come
             self.on_ready()
 
     def _slot_of_worker(self, worker_id: int, slot: int) -> Slot:
@@ -316,6 +325,7 @@ class Broker:
             self._free(slot_id)
         self.workers[worker_id] = WorkerState()
         self.progress.forget(worker_id)
+        self.metrics.worker_gone(worker_id)
         try:
             code = self.pool.replace_dead(worker_id)
         except RestartLimitError as exc:
@@ -410,7 +420,9 @@ class Broker:
             self._on_mode(client, *protocol.parse_mode(body))
         elif command == protocol.PING:
             client.last_seen = time.monotonic()
-        elif command == protocol.BYE:
+        elif command == protocol.BYE:  # a clean close: INFO; WARNING is for clients that vanish
+            log.info("client %r (pid %s) left; %d slot(s) back", identity, client.local_pid,
+                     len(client.leased) + len(client.ready))
             self._drop_client(client)
         else:
             raise ProtocolError(f"unknown command {command[:32]!r}")
@@ -444,6 +456,7 @@ class Broker:
         credit = min(hello.credit, self.max_credit)
         local_pid = hello.pid if hello.pid > 0 and hello.pidns and hello.pidns == self.pidns else None
         client = self.clients[identity] = ClientState(identity, job, credit, time.monotonic(), local_pid)
+        self.metrics.client_joined(identity, credit)
         welcome = {**self.welcome, "credit": credit}
         if self.free_mailboxes:  # used only if the client maps the ring; MODE says
             client.mailbox_id, token = self.free_mailboxes.popleft(), secrets.randbits(63) + 1
@@ -473,6 +486,7 @@ class Broker:
     def _on_ack(self, client: ClientState, credit: int, releases: tuple[int, ...]) -> None:
         client.last_seen = time.monotonic()
         client.credit = min(client.credit + credit, self.max_credit)
+        self.metrics.client_credit(client.identity, client.credit)
         for slot_id in releases:
             if slot_id not in client.leased:
                 raise ProtocolError(f"ACK releases slot {slot_id}, which this client does not hold")
@@ -482,6 +496,7 @@ class Broker:
 
     def _drop_client(self, client: ClientState) -> None:
         del self.clients[client.identity]
+        self.metrics.client_left(client.identity)
         self._return_mailbox(client)
         job = client.job
         job.members -= 1
@@ -566,9 +581,10 @@ class Broker:
         """Hand out tasks while there are free slots, idle workers and wanted batches;
         each worker gets its share in one TASK message."""
         batches: dict[int, list[TaskMsg]] = {}
+        active = self._active_workers()
         while self.free:
-            idle = [(len(w.inflight), wid) for wid, w in self.workers.items()
-                    if w.ready and not w.isolated and len(w.inflight) < WORKER_INFLIGHT]
+            idle = [(len(w.inflight), wid) for wid, w in active
+                    if not w.isolated and len(w.inflight) < WORKER_INFLIGHT]
             if not idle:
                 break
             task = self._next_task()
@@ -587,9 +603,16 @@ class Broker:
                                        epoch, index)
             self.workers[worker_id].inflight.add(slot_id)
             self.progress.assigned(worker_id, time.monotonic())
+            self.metrics.worker_assigned(worker_id)
             batches.setdefault(worker_id, []).append(TaskMsg(slot_id, epoch, index))
         for worker_id, tasks in batches.items():
             self._send_worker(worker_id, protocol.tasks(tasks))
+
+    def _active_workers(self) -> list[tuple[int, WorkerState]]:
+        """The ready workers that may get tasks: all of them, or with ``workers = "auto"`` the
+        tuner's count of them, lowest ids first (the others stay warm, idle on their links)."""
+        ready = [(wid, w) for wid, w in self.workers.items() if w.ready]
+        return ready if self.auto is None else sorted(ready)[:self.auto.active]
 
     def _deliver_pending(self) -> None:
         """Deliver to every client that got batches in this pass: one message for all of them."""
@@ -624,7 +647,8 @@ class Broker:
                     header = BatchMsg(slot_id, protocol.FLAG_COPY, slot.epoch, slot.index, seq)
                 headers.append(header)
             self.served += 1
-            self.served_times.append(time.monotonic())
+            self.metrics.served(self.config.batch_size)
+        self.metrics.client_credit(client.identity, client.credit)
         self._send_headers(client, headers)
 
     def _send_slot(self, identity: bytes, header: BatchMsg) -> None:
@@ -661,10 +685,7 @@ class Broker:
     # -- status ----------------------------------------------------------
 
     def status(self) -> dict:
-        now = time.monotonic()
-        while self.served_times and now - self.served_times[0] > RATE_WINDOW_S:
-            self.served_times.popleft()
-        window = min(RATE_WINDOW_S, now - self.started) or 1.0
+        rates = self.metrics.snapshot()
         counts = {state.value: 0 for state in SlotState}
         for slot in self.slots:
             counts[slot.state.value] += 1
@@ -676,16 +697,40 @@ class Broker:
             "workers": self.pool.alive(),
             "worker_pids": [proc.pid for proc in self.pool.procs.values()],
             "workers_ready": [self.pool.pid(wid) for wid, w in self.workers.items() if w.ready],
-            "workers_configured": self.config.workers,
+            "workers_configured": self.config.worker_processes,
+            "workers_auto": self.auto is not None,
+            "workers_active": len(self._active_workers()),
             "worker_restarts": self.pool.restarts_total,
             "slots": {"total": len(self.slots), **counts},
             "clients": len(self.clients),
             "jobs": sorted(self.jobs),
             "batches_served": self.served,
             "samples_skipped": self.skipped,
-            "samples_per_s": round(len(self.served_times) * self.config.batch_size / window, 1),
+            "samples_per_s": round(rates.samples_per_s_window, 1),
             "batch_size": self.config.batch_size,
             "steps_per_epoch": self.steps,
             "protocol_errors": self.protocol_errors,
-            "uptime_s": round(now - self.started, 1),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            **self._metrics_status(rates),
+            **self.status_extra,
+        }
+
+    def _metrics_status(self, rates) -> dict:
+        """Where the time goes (``metrics.py``), and what is being made."""
+        per_worker = []
+        for wid, worker in sorted(self.workers.items())[:STATUS_MAX_WORKERS]:
+            figures = rates.workers.get(wid, IDLE_WORKER)
+            per_worker.append({"worker": wid, "pid": self.pool.pid(wid), "ready": worker.ready,
+                               "busy_share": round(figures.busy_share, 3),
+                               "batch_s": None if figures.batch_s is None else round(figures.batch_s, 6)})
+        return {
+            "metrics_window_s": round(rates.window_s, 1),
+            "samples_per_s_window": round(rates.samples_per_s_window, 1),
+            "samples_per_s_since_start": round(rates.samples_per_s_since_start, 1),
+            "samples_served": rates.samples_total,
+            "ring_dry_share": None if rates.ring_dry_share is None else round(rates.ring_dry_share, 3),
+            "per_worker": per_worker,
+            "fields": [{"name": f.name, "shape": list(f.shape), "dtype": f.dtype} for f in self.layout.fields],
+            "pipeline": [spec["op"] for spec in self.config.augment],
+            "data": self.config.data,
         }

@@ -3,44 +3,88 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
+from importlib import metadata
 
-from client.paths import check_name, default_endpoint
-from client.status import query_status
+from client.paths import check_endpoint, check_name, default_endpoint
+from client.status import STATUS_TIMEOUT_S, query_status
 
-from . import background, shm
-from .config import Config, ConfigError, from_mapping, load_toml
+from . import background, shm, status_view
+from .config import AUTO_WORKERS, ON_ERROR_MODES, SAMPLING_MODES, Config, ConfigError, from_mapping, load_toml
 
-# flag -> Config field; flags win over the TOML file
+def workers_flag(text: str) -> int | str:
+    """``--workers``: a count, or ``auto``."""
+    if text == AUTO_WORKERS:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or {AUTO_WORKERS!r}, got {text!r}") from None
+
+
+# flag -> (Config field, type, help); flags win over the TOML file, so they have no argparse
+# default: each help ends with the field's default, read from Config (``config_default``).
 SERVE_FLAGS = {
-    "--data": ("data", str),
-    "--batch-size": ("batch_size", int),
-    "--workers": ("workers", int),
-    "--slots": ("slots", int),
-    "--seed": ("seed", int),
-    "--sampling": ("sampling", str),
-    "--endpoint": ("endpoint", str),
-    "--steps-per-epoch": ("steps_per_epoch", int),
-    "--on-error": ("on_error", str),
-    "--curve-secret-key": ("curve_secret_key", str),
-    "--curve-authorized-keys": ("curve_authorized_keys", str),
+    "--data": ("data", str, "the dataset: a folder of .npy fields, an .npz, an image folder, a .csv list "
+               "file or a ringfeed pack file"),
+    "--batch-size": ("batch_size", int, "samples per batch"),
+    "--workers": ("workers", workers_flag, "worker processes, or auto: start --max-workers and keep "
+                  "busy only as many as keep the ring from running dry"),
+    "--max-workers": ("max_workers", int, "worker processes started with --workers auto"),
+    "--slots": ("slots", int, "batches in the shared-memory ring"),
+    "--seed": ("seed", int, "the seed the stream is a pure function of"),
+    "--sampling": ("sampling", str, "shuffle: each sample once per epoch; replacement: random ids, as "
+                   "the classic Keras generator"),
+    "--endpoint": ("endpoint", str, "where clients connect: ipc://PATH or tcp://HOST:PORT"),
+    "--steps-per-epoch": ("steps_per_epoch", int, "batches per epoch; when shuffling, at most "
+                          "N // batch_size"),
+    "--on-error": ("on_error", str, "raise: an op's exception reaches the trainer; skip: the sample "
+                   "is replaced and counted"),
+    "--curve-secret-key": ("curve_secret_key", str, "the server's CURVE secret key file (from ringfeed keys)"),
+    "--curve-authorized-keys": ("curve_authorized_keys", str, "the folder of client public keys let in "
+                                "(with --curve-secret-key)"),
+}
+CHOICES = {"sampling": SAMPLING_MODES, "on_error": ON_ERROR_MODES}
+# What Config's default means, for the fields whose default is None or computed
+DEFAULT_MEANING = {
+    "data": "none; give it here or in --config",
+    "workers": "the number of cores",
+    "max_workers": "the number of cores",
+    "slots": "max(32, 4 * workers + 8)",
+    "steps_per_epoch": "N // batch_size",
+    "endpoint": default_endpoint("NAME"),
+    "curve_secret_key": "none, no CURVE",
+    "curve_authorized_keys": "none, no CURVE",
 }
 # flags naming files: made absolute before they reach a server, which resolves nothing against its cwd
 PATH_FLAGS = ("--config", "--data", "--curve-secret-key", "--curve-authorized-keys")
+WATCH_INTERVAL_S = 1.0  # status --watch: seconds between refreshes
+
+
+def config_default(field: str) -> str:
+    """The default of Config option ``field``, as a flag's help states it."""
+    if field in DEFAULT_MEANING:
+        return DEFAULT_MEANING[field]
+    return str(next(f.default for f in dataclasses.fields(Config) if f.name == field))
 
 
 def _add_serve_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="TOML file; its keys mirror the flags (batch_size, ...)")
-    for flag, (field, kind) in SERVE_FLAGS.items():
-        parser.add_argument(flag, dest=field, type=kind)
-    parser.add_argument("--name", default=None, help="service name, for several services per host")
+    parser.add_argument("--config", metavar="FILE", help="a TOML file; its keys mirror the flags (batch_size, "
+                        "...), and flags win over it (default: none, only flags)")
+    for flag, (field, kind, text) in SERVE_FLAGS.items():
+        choices = CHOICES.get(field)
+        parser.add_argument(flag, dest=field, type=kind, choices=choices,
+                            help=f"{text} (default: {config_default(field)})")
+    parser.add_argument("--name", default=None, help="the service name, for several services per host "
+                        f"(default: {config_default('name')})")
 
 
 def _config_from(args: argparse.Namespace) -> Config:
-    overrides = {field: getattr(args, field) for field, _ in SERVE_FLAGS.values()}
+    overrides = {field: getattr(args, field) for field, *_ in SERVE_FLAGS.values()}
     overrides["name"] = args.name
     if args.config:
         return load_toml(args.config, **overrides)
@@ -49,7 +93,7 @@ def _config_from(args: argparse.Namespace) -> Config:
 
 def _serve_argv(args: argparse.Namespace) -> list[str]:
     flags = {"--config": args.config}
-    flags.update((flag, getattr(args, field)) for flag, (field, _) in SERVE_FLAGS.items())
+    flags.update((flag, getattr(args, field)) for flag, (field, *_) in SERVE_FLAGS.items())
     argv = []
     for flag, value in flags.items():
         if value is not None:
@@ -63,6 +107,13 @@ def _checked_name(args: argparse.Namespace) -> str:
         return check_name(args.name or "default")
     except ValueError as exc:
         raise ConfigError(f"--name: {exc}") from None
+
+
+def _checked_endpoint(endpoint: str) -> str:
+    try:
+        return check_endpoint(endpoint)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def cmd_serve(args) -> int:
@@ -86,7 +137,7 @@ def cmd_start(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    name = _checked_name(args)
+    name = background.name_at(_checked_endpoint(args.endpoint)) if args.endpoint else _checked_name(args)
     pid = background.stop(name)
     print(f"ringfeed {name!r} stopped (pid {pid})" if pid else f"ringfeed {name!r} is not running")
     return 0
@@ -98,27 +149,37 @@ def cmd_status(args) -> int:
     if endpoint is None:
         state = background.read_state(name)
         endpoint = state["endpoint"] if state else default_endpoint(name)
-    status = query_status(endpoint, args.timeout_s, args.curve_server_key, args.curve_secret_key)
+    try:
+        status = query_status(_checked_endpoint(endpoint), args.timeout_s, args.curve_server_key,
+                              args.curve_secret_key)
+    except ValueError as exc:  # a connect that zmq refuses
+        raise ConfigError(str(exc)) from None
+    if args.json and args.watch:
+        raise ConfigError("--watch redraws the text status; it does not go with --json")
+    if args.watch and not args.interval_s >= status_view.MIN_INTERVAL_S:
+        raise ConfigError(f"--interval-s must be at least {status_view.MIN_INTERVAL_S}, got {args.interval_s!r}")
     if args.json:
         print(json.dumps({"running": status is not None, "endpoint": endpoint, **(status or {})}))
     elif status is None:
         print(f"ringfeed {name!r}: not running (nothing answered at {endpoint})")
-    elif not status["ready"]:
-        print(f"ringfeed {status['name']!r} at {status['endpoint']}: not ready: "
-              f"{status.get('failure') or 'workers are starting'}")
     else:
-        slots = status["slots"]
-        print(f"ringfeed {status['name']!r} at {status['endpoint']}\n"
-              f"  workers        {status['workers']}/{status['workers_configured']} "
-              f"(restarts {status['worker_restarts']})\n"
-              f"  slots          {slots['total']}: {slots['free']} free, {slots['filling']} filling, "
-              f"{slots['ready']} ready, {slots['leased']} leased\n"
-              f"  clients        {status['clients']}\n"
-              f"  batches served {status['batches_served']}\n"
-              f"  samples/s      {status['samples_per_s']:.0f}")
+        return _show_status(args, endpoint, status)
     if status is None:
         return 1
     return 0 if status["ready"] else 3
+
+
+def _show_status(args, endpoint: str, status: dict) -> int:
+    """The text status once, or redrawn every ``--interval-s`` with ``--watch``."""
+    try:
+        if args.watch:
+            return status_view.watch(lambda: query_status(endpoint, args.timeout_s, args.curve_server_key,
+                                                          args.curve_secret_key), args.interval_s, sys.stdout)
+        print(status_view.render(status))
+    except ValueError as exc:  # a reply that is not a status (StatusError, ProtocolError)
+        print(f"ringfeed: error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if status["ready"] is True else 3
 
 
 def cmd_cleanup(args) -> int:
@@ -171,9 +232,29 @@ def cmd_demo(args) -> int:
     return 0 if result["val_accuracy"] >= 0.9 else 1
 
 
+def _add_status_command(sub) -> None:
+    p = sub.add_parser("status", help="show slots, batches served, samples/s and workers")
+    p.add_argument("--name", help=f"the service to ask (default: {config_default('name')})")
+    p.add_argument("--endpoint", help="ask the server here: ipc://PATH or tcp://HOST:PORT (default: "
+                   "the endpoint in the state file of --name, else its ipc endpoint)")
+    p.add_argument("--json", action="store_true", help="print the counters as one JSON object")
+    p.add_argument("--watch", action="store_true", help="redraw the text status in place every "
+                   "--interval-s until Ctrl-C (exit 0) or the server goes away (exit 1)")
+    p.add_argument("--interval-s", type=float, default=WATCH_INTERVAL_S, metavar="S",
+                   help="seconds between --watch refreshes (default: %(default)s s)")
+    p.add_argument("--timeout-s", type=float, default=STATUS_TIMEOUT_S, metavar="S",
+                   help="how long to wait for an answer (default: %(default)s s)")
+    p.add_argument("--curve-server-key", help="the server's public key file, for a CURVE server "
+                   "(default: none, a server without CURVE)")
+    p.add_argument("--curve-secret-key", help="an authorised client's secret key file, for a CURVE "
+                   "server (default: none)")
+    p.set_defaults(fn=cmd_status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringfeed", description="A shared-memory data-loading service "
                                      "that feeds Keras model.fit from numba workers.")
+    parser.add_argument("--version", action="version", version=f"ringfeed {metadata.version('ringfeed')}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_text in (("serve", cmd_serve, "run the server in the foreground"),
                                 ("start", cmd_start, "start the server in the background")):
@@ -181,16 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_serve_options(p)
         p.set_defaults(fn=fn)
     p = sub.add_parser("stop", help="stop a background server")
-    p.add_argument("--name")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--name", help=f"the service to stop (default: {config_default('name')})")
+    which.add_argument("--endpoint", help="stop the running service that listens here, found through "
+                       "the state files (default: the one --name says)")
     p.set_defaults(fn=cmd_stop)
-    p = sub.add_parser("status", help="show slots, batches served, samples/s and workers")
-    p.add_argument("--name")
-    p.add_argument("--endpoint")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--timeout-s", type=float, default=2.0)
-    p.add_argument("--curve-server-key", help="the server's public key file, for a CURVE server")
-    p.add_argument("--curve-secret-key", help="an authorised client's secret key file")
-    p.set_defaults(fn=cmd_status)
+    _add_status_command(sub)
     p = sub.add_parser("cleanup", help="remove shared memory left by servers that died")
     p.set_defaults(fn=cmd_cleanup)
     p = sub.add_parser("keys", help="generate CURVE keys for a server and a client")
@@ -211,9 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the rate and the time left)")
     p.set_defaults(fn=cmd_pack)
     p = sub.add_parser("demo", help="train a small convnet on scikit-learn's digits through ringfeed")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--tf-dataset", action="store_true", help="feed model.fit through as_tf_dataset()")
+    p.add_argument("--epochs", type=int, default=8, help="epochs to train (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the number of cores)")
+    p.add_argument("--tf-dataset", action="store_true", help="feed model.fit through as_tf_dataset() "
+                   "(default: the generator)")
     p.set_defaults(fn=cmd_demo)
     return parser
 

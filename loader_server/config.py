@@ -6,13 +6,14 @@ names the option, the value and what was expected.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from client.paths import check_name, default_endpoint
+from client.paths import check_endpoint, check_name, default_endpoint
 from client.structure import DEFAULT_INPUTS, DEFAULT_TARGETS, Structure, StructureError
 
 SAMPLING_MODES = ("shuffle", "replacement")
@@ -21,6 +22,7 @@ SAMPLING_MODES = ("shuffle", "replacement")
 MIN_INBOUND_BYTES_PER_S = 64 * 1024
 ON_ERROR_MODES = ("raise", "skip")
 IMAGE_CHANNELS = (1, 3)
+AUTO_WORKERS = "auto"
 
 
 class ConfigError(ValueError):
@@ -37,6 +39,18 @@ def _check_number(name: str, value: Any, minimum_exclusive: float) -> None:
         raise ConfigError(f"{name} must be a number > {minimum_exclusive}, got {value!r}")
 
 
+def _check_metrics_address(host: Any, port: Any) -> None:
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+        raise ConfigError(f"metrics_port must be an integer from 0 to 65535 (0: any free port), got {port!r}")
+    try:
+        if not isinstance(host, str):
+            raise ValueError(host)
+        if host != "localhost":
+            ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"metrics_host must be an IP address or 'localhost', got {host!r}") from None
+
+
 @dataclass(frozen=True)
 class Config:
     data: str | None = None
@@ -45,7 +59,8 @@ class Config:
     sample_weight: str | None = None
     image_channels: int = 3
     batch_size: int = 32
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int | str = field(default_factory=lambda: os.cpu_count() or 1)  # or "auto" (autotune.py)
+    max_workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # processes started with "auto"
     slots: int | None = None
     seed: int = 0
     sampling: str = "shuffle"
@@ -69,10 +84,16 @@ class Config:
     curve_authorized_keys: str | None = None
     max_connections: int | None = None  # None: min(4096, fd limit // 4), set at server start
     max_inbound_bytes_per_s: int = 1 << 20
+    metrics_port: int | None = None  # opt-in Prometheus endpoint; 0 takes a free port (status names it)
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
-        _check_int("workers", self.workers, 1)
+        if self.workers != AUTO_WORKERS:
+            if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+                raise ConfigError(f"workers must be an integer >= 1, got {self.workers!r} "
+                                  f"(or {AUTO_WORKERS!r}, to autotune how many are busy)")
+        _check_int("max_workers", self.max_workers, 1)
         _check_int("seed", self.seed, 0)
         _check_int("threads_per_worker", self.threads_per_worker, 1)
         _check_int("max_worker_restarts", self.max_worker_restarts, 0)
@@ -82,6 +103,7 @@ class Config:
         if self.max_connections is not None:
             _check_int("max_connections", self.max_connections, 1)
         _check_int("max_inbound_bytes_per_s", self.max_inbound_bytes_per_s, MIN_INBOUND_BYTES_PER_S)
+        _check_metrics_address(self.metrics_host, self.metrics_port)
         _check_number("heartbeat_s", self.heartbeat_s, 0.0)
         _check_number("task_timeout_s", self.task_timeout_s, 0.0)
         _check_int("max_clients", self.max_clients, 1)
@@ -91,7 +113,7 @@ class Config:
             # default prefetch of 16 covers the batches made while finished work is reported and
             # its credit comes back (with 8, two workers making 1.3 ms batches idled 20% of the
             # time). The other half holds the batches trainers keep, and other feeds' credit.
-            object.__setattr__(self, "slots", max(32, 4 * self.workers + 8))
+            object.__setattr__(self, "slots", max(32, 4 * self.worker_processes + 8))
         _check_int("slots", self.slots, 3)
         if self.steps_per_epoch is not None:
             _check_int("steps_per_epoch", self.steps_per_epoch, 1)
@@ -110,8 +132,10 @@ class Config:
             raise ConfigError(f"data must be a path string, got {self.data!r}")
         if self.endpoint is None:
             object.__setattr__(self, "endpoint", default_endpoint(self.name))
-        if not isinstance(self.endpoint, str) or not self.endpoint.startswith(("ipc://", "tcp://")):
-            raise ConfigError(f"endpoint must look like ipc://PATH or tcp://HOST:PORT, got {self.endpoint!r}")
+        try:
+            check_endpoint(self.endpoint)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if (self.curve_secret_key is None) != (self.curve_authorized_keys is None):
             raise ConfigError("curve_secret_key and curve_authorized_keys go together; got "
                               f"{self.curve_secret_key!r} and {self.curve_authorized_keys!r}")
@@ -131,6 +155,11 @@ class Config:
             if not isinstance(spec, dict) or not isinstance(spec.get("op"), str):
                 raise ConfigError(f"augment[{i}] must be a table with a string 'op', got {spec!r}")
         object.__setattr__(self, "augment", augment)
+
+    @property
+    def worker_processes(self) -> int:
+        """How many worker processes the server starts: ``max_workers`` with ``workers = "auto"``."""
+        return self.max_workers if self.workers == AUTO_WORKERS else self.workers
 
     @property
     def structure(self) -> Structure:

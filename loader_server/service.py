@@ -18,7 +18,8 @@ Shutdown protocol, the one place it is written down:
 1. SIGTERM or SIGINT sets the stop flag; the broker loop ends within ``TICK_S``.
 2. Every worker is sent STOP (a sentinel task).
 3. ``join(JOIN_TIMEOUT_S)``, then terminate, then kill what is left.
-4. Sockets close with zero linger; the ring and data segments are unlinked;
+4. Sockets close with zero linger (the metrics endpoint's too, with
+   ``metrics_port``); the ring and data segments are unlinked;
    the client endpoint's ipc socket file and the state file are removed if
    they are still the ones this server made.
 
@@ -44,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from client.paths import ensure_runtime_dir, state_file
+from client.paths import ensure_runtime_dir, ipc_socket_path, state_file
 from client.protocol import MAX_JSON_BYTES
 
 from . import background, shm, sources
@@ -68,10 +69,6 @@ MAX_CLIENT_FRAME_BYTES = MAX_JSON_BYTES + 64 * 1024
 
 class ServiceFailed(RuntimeError):
     """The service ran, then could not go on (no workers left); ``serve`` exits non-zero."""
-
-
-def _ipc_path(endpoint: str) -> Path | None:
-    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
 
 def _loopback(endpoint: str) -> bool:
@@ -183,6 +180,7 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
     made_files: dict[Path, shm.FileId] = {}  # the ipc socket and the state file, to unlink if still ours
     ctx = zmq.Context.instance()
     frontend = pool = ring = broker = authenticator = guard = None
+    exporter = None  # the Prometheus endpoint, with metrics_port
     try:
         if source is None:
             config, source, owned = prepare_source(config, token)
@@ -210,8 +208,13 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
             authenticator, keys = secure_frontend(ctx, frontend, config.curve_secret_key,
                                                   config.curve_authorized_keys)
             housekeeping.append(keys.refresh)
+        if config.metrics_port is not None:
+            from .prometheus import MetricsServer  # prometheus_client is imported only when asked for
+
+            exporter = MetricsServer(config.metrics_host, config.metrics_port)
+            housekeeping.append(lambda: exporter.refresh(broker.status))
         spec = WorkerSpec(0, config, source, layout, os.getpid(), ring.file_id)
-        pool = WorkerPool(spec, config.workers, config.max_worker_restarts)
+        pool = WorkerPool(spec, config.worker_processes, config.max_worker_restarts)
         started = time.monotonic()
 
         def ready():
@@ -221,7 +224,7 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
                 frontend.bind(config.endpoint)
             finally:
                 os.umask(umask)
-            ipc = _ipc_path(config.endpoint)
+            ipc = ipc_socket_path(config.endpoint)
             if ipc is not None:
                 made_files[ipc] = _file_id(ipc)
             if config.endpoint.startswith("tcp://") and not config.curve_secret_key:
@@ -231,13 +234,15 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
             made_files[path] = _write_state(path, {"pid": os.getpid(), "endpoint": config.endpoint,
                                                    "name": config.name})
             log.info("ready: %d workers, %d slots of %.1f MiB, endpoint %s, at most %d connections "
-                     "(%.1f s)", config.workers, layout.slots, layout.slot_bytes / 2**20, config.endpoint,
+                     "(%.1f s)", config.worker_processes, layout.slots, layout.slot_bytes / 2**20, config.endpoint,
                      guard.max_connections, time.monotonic() - started)
             if on_ready is not None:
                 on_ready(config.endpoint)
 
         broker = Broker(config, ring, pool, frontend, welcome, ready, housekeeping=housekeeping,
                         watched={guard.monitor: guard.handle})
+        if exporter is not None:
+            broker.status_extra["metrics_url"] = exporter.url
 
         def should_stop():
             if not broker.is_ready and time.monotonic() - started > config.start_timeout_s:
@@ -255,6 +260,8 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
             pool.stop()
         if guard is not None:
             guard.close()
+        if exporter is not None:
+            exporter.close()
         if frontend is not None:
             frontend.close(0)
         if authenticator is not None:
@@ -269,6 +276,9 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
 
 
 def _child_main(config: Config, source, conn, parent_pid: int) -> None:
+    # A session of its own (its workers join it): a Ctrl-C to the trainer's process group leaves
+    # the loader running for a trainer that catches it; the owner stops it, or its exit does.
+    os.setsid()
     die_with_parent(parent_pid)  # a Service's server must not outlive the script that started it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -285,7 +295,9 @@ class Service:
     arrays, one per field (copied once into a shared data segment);
     ``features=``/``labels=`` are the two-field case. Without either it uses
     ``config.data``. Use it as a context manager; ``start`` returns once the
-    workers are warm.
+    workers are warm. The server runs in a session of its own, so a Ctrl-C
+    (SIGINT to the caller's process group) does not reach it; it stops on
+    ``stop()`` or when its owner exits.
     """
 
     def __init__(self, config: Config | None = None, *, fields: dict | None = None, features=None, labels=None,

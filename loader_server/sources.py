@@ -217,7 +217,7 @@ def validate_for(config: Config, fields: dict) -> None:
     check_structure(config.structure, fields, "the dataset")
     validate(fields, config.batch_size)
     if config.private_data:
-        check_private_copies(sum(a.nbytes for a in fields.values() if isinstance(a, np.ndarray)), config.workers)
+        check_private_copies(sum(a.nbytes for a in fields.values() if isinstance(a, np.ndarray)), config.worker_processes)
 
 
 def check_private_copies(nbytes: int, workers: int, available: int | None = None) -> None:

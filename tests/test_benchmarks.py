@@ -1,7 +1,8 @@
 """The benchmark scripts run end to end (``--quick``) and write complete, positive results.
 
 Each script runs once per module, as a subprocess from the repository root,
-writing into a temporary folder so the committed results stay as they are.
+writing into a temporary folder so the committed results stay as they are
+(delivery.py with no ``--out``: the folder it picks itself).
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -66,7 +70,37 @@ def gpu_fit(out) -> dict:
 
 @pytest.fixture(scope="module")
 def delivery(out) -> dict:
-    return quick_run("delivery", out)
+    """A quick run without ``--out``: it writes into a temporary folder and says which, leaving
+    the committed results alone; its result is copied beside the others' for the report."""
+    committed = ROOT / "benchmarks" / "results" / "delivery.json"
+    before = committed.stat().st_mtime_ns if committed.exists() else None
+    done = run_script("delivery.py", out, "--quick")
+    folder = Path(re.search(r"^writing the results to (\S+) ", done.stderr, re.M).group(1))
+    try:
+        assert folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith("ringfeed-delivery-")
+        shutil.copy(folder / "delivery.json", out / "delivery.json")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert (committed.stat().st_mtime_ns if committed.exists() else None) == before
+    result = json.loads((out / "delivery.json").read_text())
+    assert result["quick"] is True and result["rounds"] == QUICK_ROUNDS
+    return result
+
+
+SCRIPTS = ("throughput", "fit", "gpu_fit", "delivery", "remote", "images")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_runs_never_write_the_committed_results(script):
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick",
+                              "--write-results"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--quick --write-results: quick results are not committed" in refused.stderr
+
+
+def test_out_and_write_results_exclude_each_other():
+    both = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--out", "x.json",
+                           "--write-results"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
 @pytest.fixture(scope="module")

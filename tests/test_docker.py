@@ -119,6 +119,10 @@ def test_compose_renders_loader_and_trainer_over_tcp(compose_bin, tmp_path):
     loader = services["loader"]
     assert loader["build"]["target"] == "loader" and loader["build"]["dockerfile"] == "docker/Dockerfile"
     assert Path(loader["build"]["context"]) == ROOT
+    # the base image is a build argument; pip's CA bundle is a build secret, empty by default
+    assert loader["build"]["args"]["BASE_IMAGE"] == "python:3.11-slim"
+    assert [secret["source"] for secret in loader["build"]["secrets"]] == ["pip-ca"]
+    assert config["secrets"]["pip-ca"]["file"] == "/dev/null"
     command = loader["command"]
     assert command[:2] == ["ringfeed", "serve"]
     assert flag(command, "--endpoint") == "tcp://0.0.0.0:5555"
@@ -131,6 +135,7 @@ def test_compose_renders_loader_and_trainer_over_tcp(compose_bin, tmp_path):
     assert needed > DOCKER_DEFAULT_SHM, "the example ring should show why shm_size is needed"
     assert shm >= 2 * needed, f"shm_size {shm} leaves little room over a ring of {needed} bytes"
     assert loader["init"] is True  # tini: SIGTERM reaches the server, orphans are reaped
+    assert loader["tmpfs"] == ["/var/lib/ringfeed/runtime:uid=10001,gid=10001,mode=0700"]  # no stale state
     health = " ".join(loader["healthcheck"]["test"])
     assert "ringfeed status --endpoint" in health and "RINGFEED_ENDPOINT" in health
     assert loader["environment"]["RINGFEED_ENDPOINT"] == "tcp://127.0.0.1:5555"
@@ -164,8 +169,9 @@ def test_compose_zero_copy_profile_shares_the_loaders_ipc_namespace(compose_bin,
     assert trainer["environment"]["RINGFEED_ENDPOINT"] == endpoint
     assert loader["environment"]["RINGFEED_ENDPOINT"] == endpoint  # the health check asks there
     assert trainer["environment"]["RINGFEED_TRANSPORT"] == "shm"
-    socket_dir = str(Path(endpoint.removeprefix("ipc://")).parent)
-    assert mounts(loader)[socket_dir]["source"] == mounts(trainer)[socket_dir]["source"] == "ringfeed-ipc"
+    # the socket sits in the /dev/shm both share, so no volume outlives the pair
+    assert str(Path(endpoint.removeprefix("ipc://")).parent) == "/dev/shm"
+    assert set(mounts(loader)) == {"/data"} and "volumes" not in trainer
     assert mounts(loader)["/data"]["read_only"] is True
     assert trainer["depends_on"]["loader-ipc"]["condition"] == "service_healthy"
     assert trainer["build"]["args"]["RINGFEED_UID"] == loader["build"]["args"]["RINGFEED_UID"]
@@ -239,10 +245,13 @@ def test_dockerfile_copies_only_what_exists_and_the_build_context_sends():
 
 
 def test_dockerfile_stages_user_and_healthcheck():
-    stages, users, health = {}, {}, {}
+    stages, users, health, args_before_from = {}, {}, {}, {}
     stage = None
     for word, args in _instructions():
-        if word == "FROM":
+        if word == "ARG" and stage is None:
+            name, _, default = args.partition("=")
+            args_before_from[name] = default
+        elif word == "FROM":
             parts = args.split()
             stage = parts[-1] if "AS" in (p.upper() for p in parts) else parts[0]
             stages[stage] = parts[0]
@@ -251,7 +260,9 @@ def test_dockerfile_stages_user_and_healthcheck():
         elif word == "HEALTHCHECK":
             health[stage] = args
     assert {"loader", "trainer"} <= set(stages)  # the compose targets
-    assert all(image in ("python:3.11-slim", *stages) for image in stages.values()), stages
+    # one base, a build argument: the official slim image unless docker/build-base.sh's is given
+    assert args_before_from == {"BASE_IMAGE": "python:3.11-slim"}
+    assert all(image in ("${BASE_IMAGE}", *stages) for image in stages.values()), stages
     for target in ("loader", "trainer"):  # the last USER of a stage, or of the stage it builds on
         user = users.get(target) or users[stages[target]]
         assert user.split(":")[0] not in ("0", "root"), f"{target} runs as root"
@@ -261,7 +272,7 @@ def test_dockerfile_stages_user_and_healthcheck():
 
 # -- the scripts and the config the images run -------------------------------------------
 
-@pytest.mark.parametrize("script", ["train.py", "make_data.py"])
+@pytest.mark.parametrize("script", ["train.py", "make_data.py", "check_stream.py"])
 def test_scripts_compile(script, tmp_path):
     py_compile.compile(str(DOCKER / script), cfile=str(tmp_path / "out.pyc"), doraise=True)
 
@@ -309,8 +320,13 @@ def test_train_reads_one_or_several_endpoints(monkeypatch):
     spec.loader.exec_module(train)
     monkeypatch.setenv("RINGFEED_ENDPOINT", "tcp://loader:5555")
     assert train.endpoints_from_env() == "tcp://loader:5555"
-    monkeypatch.setenv("RINGFEED_ENDPOINT", " tcp://a:5555, tcp://b:5555 ,")
+    monkeypatch.setenv("RINGFEED_ENDPOINT", " tcp://a:5555, tcp://b:5555 ")
     assert train.endpoints_from_env() == ["tcp://a:5555", "tcp://b:5555"]
+    monkeypatch.setenv("RINGFEED_ENDPOINT", "tcp://ringfeed-loader-{1..3}:5555")
+    assert train.endpoints_from_env() == [f"tcp://ringfeed-loader-{i}:5555" for i in (1, 2, 3)]
+    monkeypatch.setenv("RINGFEED_ENDPOINT", "tcp://a:5555,")
+    with pytest.raises(SystemExit, match="RINGFEED_ENDPOINT: .*empty entry"):
+        train.endpoints_from_env()
 
 
 def _healthy(endpoint: str) -> bool:
