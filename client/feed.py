@@ -333,7 +333,7 @@ class Feed(BatchStream):
                 raise RingfeedError(f"cannot seek while {len(self._lent)} batches are lent: let their arrays "
                                     "go first (or take copies)")
             if self._disconnected_at is None:
-                self._sock.send_multipart([protocol.BYE])
+                self._say_bye()
             self._forget_connection()
             self._start, self._next = (epoch, index), self._sequence((epoch, index))
             self._connect(self._start)
@@ -358,22 +358,31 @@ class Feed(BatchStream):
 
     def _leave(self) -> None:
         """Say BYE (the server logs a clean close, not a vanished client) and close the sockets."""
-        if self._disconnected_at is None:
-            self._sock.send_multipart([protocol.BYE])
+        if self._disconnected_at is None and not isinstance(self._failure, ServerGoneError):
+            self._say_bye()
         self._sock.close(linger=BYE_LINGER_MS)
         self._monitor.close(0)
         # Arrays still lent keep the mapping through their leases; let the rest
         # go now, and with it a pinned ring's page lock.
         self._mapping = self._mailbox = None
 
+    def _say_bye(self) -> None:
+        try:
+            self._send([protocol.BYE])
+        except ServerGoneError:  # a server that takes nothing misses our goodbye, and nothing else
+            pass
+
     # -- connection (callers hold self._lock, except during __init__) -------
 
     def _open_socket(self) -> None:
-        for old in (self._monitor, self._sock):
+        # The socket first: closing it ends its monitor, whose events libzmq's I/O thread (shared
+        # by every socket of the process) would otherwise wait to send to a monitor nobody reads.
+        for old in (self._sock, self._monitor):
             if old is not None:
                 old.close(0)
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, int(min(self.timeout_s * 1000, 2**31 - 1)))  # see _send
         for option, value in self._curve.items():
             sock.setsockopt(option, value)
         self._monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
@@ -386,8 +395,8 @@ class Feed(BatchStream):
     def _connect(self, start: tuple[int, int], deadline: float | None = None) -> None:
         """Open a socket, say HELLO from ``start`` and wait (until ``deadline``) for WELCOME."""
         self._open_socket()
-        self._sock.send_multipart(protocol.hello(start[0], start[1], self.prefetch, os.getpid(),
-                                                 pid_namespace(), self.job, self.shard))
+        self._send(protocol.hello(start[0], start[1], self.prefetch, os.getpid(),
+                                  pid_namespace(), self.job, self.shard))
         deadline = deadline or time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             if not self._poller.poll(POLL_S * 1000):
@@ -400,7 +409,7 @@ class Feed(BatchStream):
             frames = self._sock.recv_multipart()
             if frames[0] == protocol.WELCOME:
                 mode = self._welcome(self._parse_welcome(frames))
-                self._sock.send_multipart(protocol.mode(mode, self._mapping and self._mapping.proof()))
+                self._send(protocol.mode(mode, self._mapping and self._mapping.proof()))
                 self._last_heard = self._last_ping = time.monotonic()
                 self._disconnected_at = None
                 return
@@ -611,15 +620,26 @@ class Feed(BatchStream):
             releases.append(self._released.popleft())
         self._lent.difference_update(releases)
         if (releases or self._credit_owed) and self._disconnected_at is None:
-            self._sock.send_multipart(protocol.ack(0 if self._closed else self._credit_owed, releases))
+            self._send(protocol.ack(0 if self._closed else self._credit_owed, releases))
             self._credit_owed = 0
 
     def _keepalive(self, every_s: float) -> None:
         """PING the server unless this feed pinged it less than ``every_s`` ago."""
         now = time.monotonic()
         if self._disconnected_at is None and now - self._last_ping >= every_s:
-            self._sock.send_multipart([protocol.PING])
+            self._send([protocol.PING])
             self._last_ping = now
+
+    def _send(self, frames: list) -> None:
+        """Send ``frames``, waiting at most ``timeout_s`` for room: a DEALER whose server takes
+        nothing queues up to its high-water mark and would then block for ever."""
+        try:
+            self._sock.send_multipart(frames)
+        except zmq.Again:
+            self._failure = self._failure or ServerGoneError(
+                f"the ringfeed server at {self.endpoint} took no message for {self.timeout_s} s "
+                f"(timeout_s); it has stopped or hangs")
+            raise self._failure from None
 
     def _check_alive(self) -> None:
         silent = time.monotonic() - self._last_heard
@@ -638,11 +658,27 @@ class Feed(BatchStream):
             with self._lock:
                 if self._sock.closed:
                     return
-                self._read_monitor()
-                self._pump(0)
-                self._flush()
-                self._check_alive()
-                if self._can_leave():
-                    self._leave()
-                    return
-                self._keepalive(0.0)
+                try:
+                    if self._beat():
+                        return
+                except Exception as exc:  # the thread must outlive it: see _beat
+                    if self._failure is None:
+                        self._failure = exc if isinstance(exc, (RingfeedError, protocol.ProtocolError)) else \
+                            RingfeedError(f"the server at {self.endpoint}: {type(exc).__name__}: {exc}")
+
+    def _beat(self) -> bool:
+        """One heartbeat: whether the feed has left. Whatever goes wrong here (a bad message, a
+        server that takes nothing) becomes the feed's failure, and the thread goes on: it is what
+        reads the socket's monitor, and libzmq's I/O thread, shared by every socket of the
+        process, waits while a monitor's queue is full."""
+        self._read_monitor()
+        self._pump(0)
+        if self._failure is None:
+            self._flush()
+            self._check_alive()
+        if self._can_leave():
+            self._leave()
+            return True
+        if self._failure is None:
+            self._keepalive(0.0)
+        return False

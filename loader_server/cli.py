@@ -14,7 +14,8 @@ from client.paths import check_endpoint, check_name, default_endpoint
 from client.status import STATUS_TIMEOUT_S, query_status
 
 from . import background, shm, status_view
-from .config import AUTO_WORKERS, ON_ERROR_MODES, SAMPLING_MODES, Config, ConfigError, from_mapping, load_toml
+from .config import (AUTO_WORKERS, ON_ERROR_MODES, SAMPLING_MODES, Config, ConfigError, default_text, from_mapping,
+                     load_toml)
 
 def workers_flag(text: str) -> int | str:
     """``--workers``: a count, or ``auto``."""
@@ -26,66 +27,42 @@ def workers_flag(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a whole number or {AUTO_WORKERS!r}, got {text!r}") from None
 
 
-# flag -> (Config field, type, help); flags win over the TOML file, so they have no argparse
-# default: each help ends with the field's default, read from Config (``config_default``).
-SERVE_FLAGS = {
-    "--data": ("data", str, "the dataset: a folder of .npy fields, an .npz, an image folder, a .csv list "
-               "file or a ringfeed pack file"),
-    "--batch-size": ("batch_size", int, "samples per batch"),
-    "--workers": ("workers", workers_flag, "worker processes, or auto: start --max-workers and keep "
-                  "busy only as many as keep the ring from running dry"),
-    "--max-workers": ("max_workers", int, "worker processes started with --workers auto"),
-    "--slots": ("slots", int, "batches in the shared-memory ring"),
-    "--seed": ("seed", int, "the seed the stream is a pure function of"),
-    "--sampling": ("sampling", str, "shuffle: each sample once per epoch; replacement: random ids, as "
-                   "the classic Keras generator"),
-    "--endpoint": ("endpoint", str, "where clients connect: ipc://PATH or tcp://HOST:PORT"),
-    "--steps-per-epoch": ("steps_per_epoch", int, "batches per epoch; when shuffling, at most "
-                          "N // batch_size"),
-    "--on-error": ("on_error", str, "raise: an op's exception reaches the trainer; skip: the sample "
-                   "is replaced and counted"),
-    "--curve-secret-key": ("curve_secret_key", str, "the server's CURVE secret key file (from ringfeed keys)"),
-    "--curve-authorized-keys": ("curve_authorized_keys", str, "the folder of client public keys let in "
-                                "(with --curve-secret-key)"),
-}
+# Config options that have a flag (their metadata names it), flag -> (Config field, type). Flags
+# win over the TOML file, so they have no argparse default: each help is the option's doc and
+# default from Config's metadata, the text the README's reference table shows.
+FLAG_TYPES = {"workers": workers_flag}
+SERVE_FLAGS = {option.metadata["flag"]: (option.name, FLAG_TYPES.get(option.name,
+                                                                     int if option.type.startswith("int") else str))
+               for option in dataclasses.fields(Config) if option.metadata["flag"]}
 CHOICES = {"sampling": SAMPLING_MODES, "on_error": ON_ERROR_MODES}
-# What Config's default means, for the fields whose default is None or computed
-DEFAULT_MEANING = {
-    "data": "none; give it here or in --config",
-    "workers": "the number of cores",
-    "max_workers": "the number of cores",
-    "slots": "max(32, 4 * workers + 8)",
-    "steps_per_epoch": "N // batch_size",
-    "endpoint": default_endpoint("NAME"),
-    "curve_secret_key": "none, no CURVE",
-    "curve_authorized_keys": "none, no CURVE",
-}
 # flags naming files: made absolute before they reach a server, which resolves nothing against its cwd
 PATH_FLAGS = ("--config", "--data", "--curve-secret-key", "--curve-authorized-keys")
 WATCH_INTERVAL_S = 1.0  # status --watch: seconds between refreshes
 
 
+def config_option(field: str) -> dataclasses.Field:
+    return next(option for option in dataclasses.fields(Config) if option.name == field)
+
+
 def config_default(field: str) -> str:
     """The default of Config option ``field``, as a flag's help states it."""
-    if field in DEFAULT_MEANING:
-        return DEFAULT_MEANING[field]
-    return str(next(f.default for f in dataclasses.fields(Config) if f.name == field))
+    return default_text(config_option(field), markdown=False)
+
+
+def config_help(field: str) -> str:
+    """A serve flag's help: the option's doc, then its default."""
+    return f"{config_option(field).metadata['doc'].replace('`', '')} (default: {config_default(field)})"
 
 
 def _add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="a TOML file; its keys mirror the flags (batch_size, "
                         "...), and flags win over it (default: none, only flags)")
-    for flag, (field, kind, text) in SERVE_FLAGS.items():
-        choices = CHOICES.get(field)
-        parser.add_argument(flag, dest=field, type=kind, choices=choices,
-                            help=f"{text} (default: {config_default(field)})")
-    parser.add_argument("--name", default=None, help="the service name, for several services per host "
-                        f"(default: {config_default('name')})")
+    for flag, (field, kind) in SERVE_FLAGS.items():
+        parser.add_argument(flag, dest=field, type=kind, choices=CHOICES.get(field), help=config_help(field))
 
 
 def _config_from(args: argparse.Namespace) -> Config:
-    overrides = {field: getattr(args, field) for field, *_ in SERVE_FLAGS.values()}
-    overrides["name"] = args.name
+    overrides = {field: getattr(args, field) for field, _ in SERVE_FLAGS.values()}
     if args.config:
         return load_toml(args.config, **overrides)
     return from_mapping({k: v for k, v in overrides.items() if v is not None})
@@ -93,12 +70,12 @@ def _config_from(args: argparse.Namespace) -> Config:
 
 def _serve_argv(args: argparse.Namespace) -> list[str]:
     flags = {"--config": args.config}
-    flags.update((flag, getattr(args, field)) for flag, (field, *_) in SERVE_FLAGS.items())
+    flags.update((flag, getattr(args, field)) for flag, (field, _) in SERVE_FLAGS.items())
     argv = []
     for flag, value in flags.items():
         if value is not None:
             argv += [flag, os.path.abspath(value) if flag in PATH_FLAGS else str(value)]
-    return argv + (["--name", args.name] if args.name else [])
+    return argv
 
 
 def _checked_name(args: argparse.Namespace) -> str:

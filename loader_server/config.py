@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,41 +51,98 @@ def _check_metrics_address(host: Any, port: Any) -> None:
         raise ConfigError(f"metrics_host must be an IP address or 'localhost', got {host!r}") from None
 
 
+def _option(default: Any = MISSING, *, doc: str, flag: str | None = None, means: str | None = None,
+            factory: Any = MISSING) -> Any:
+    """A Config field with its documentation: ``doc`` (markdown, the README's reference table and
+    the flag's help), the ``flag`` that sets it, and what the default ``means`` where the value
+    alone does not say (None, or computed at start)."""
+    return field(default=default, default_factory=factory,
+                 metadata={"doc": doc, "flag": flag, "means": means})
+
+
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Config:
-    data: str | None = None
-    inputs: str | tuple | None = None  # None: "features", or "image" for a dataset of image files
-    targets: str | tuple | None = None  # None: "labels", or "label" for a dataset of image files
-    sample_weight: str | None = None
-    image_channels: int = 3
-    batch_size: int = 32
-    workers: int | str = field(default_factory=lambda: os.cpu_count() or 1)  # or "auto" (autotune.py)
-    max_workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # processes started with "auto"
-    slots: int | None = None
-    seed: int = 0
-    sampling: str = "shuffle"
-    steps_per_epoch: int | None = None
-    endpoint: str | None = None
-    name: str = "default"
-    ordered: bool = True
-    on_error: str = "raise"
-    augment: tuple = ()
-    jit: bool = True
-    private_data: bool = False
-    streaming_stores: bool = True
-    threads_per_worker: int = 1
-    worker_nice: int = 10
-    heartbeat_s: float = 1.0
-    task_timeout_s: float = 5.0
-    max_clients: int = 64
-    start_timeout_s: float = 300.0
-    max_worker_restarts: int = 10
-    curve_secret_key: str | None = None
-    curve_authorized_keys: str | None = None
-    max_connections: int | None = None  # None: min(4096, fd limit // 4), set at server start
-    max_inbound_bytes_per_s: int = 1 << 20
-    metrics_port: int | None = None  # opt-in Prometheus endpoint; 0 takes a free port (status names it)
-    metrics_host: str = "127.0.0.1"
+    data: str | None = _option(
+        None, flag="--data", means="none: give it here or in the TOML file",
+        doc="the dataset: a folder of `.npy` fields, an `.npz`, an image folder, a `.csv` list file or a "
+            "ringfeed pack file (in a TOML file, relative to it)")
+    inputs: str | tuple | None = _option(
+        None, means='`"features"` (`"image"` for image files)',
+        doc="field name, or list of names (x becomes a dict), the trainer gets as x")
+    targets: str | tuple | None = _option(
+        None, means='`"labels"` (`"label"` for image files)',
+        doc="field name, or list of names (y becomes a dict), the trainer gets as y")
+    sample_weight: str | None = _option(
+        None, means="none", doc="field given as per-sample weights: the element becomes `(x, y, w)`")
+    image_channels: int = _option(3, doc="what encoded images decode to: 3 (RGB) or 1 (grayscale)")
+    batch_size: int = _option(32, flag="--batch-size", doc="samples per batch")
+    workers: int | str = _option(
+        factory=_cores, flag="--workers", means="the number of cores",
+        doc='worker processes, or `"auto"`: start `max_workers` and give tasks to only as many as keep the '
+            "ring from running dry")
+    max_workers: int = _option(factory=_cores, flag="--max-workers", means="the number of cores",
+                               doc='worker processes started with `workers = "auto"`')
+    slots: int | None = _option(None, flag="--slots", means="max(32, 4 * workers + 8)",
+                                doc="batches in the shared-memory ring (`max_workers` counts with `\"auto\"`)")
+    seed: int = _option(0, flag="--seed", doc="the seed the stream is a pure function of")
+    sampling: str = _option(
+        "shuffle", flag="--sampling",
+        doc="`shuffle`: each sample once per epoch, last partial batch dropped; `replacement`: random ids, "
+            "as the classic Keras generator")
+    steps_per_epoch: int | None = _option(
+        None, flag="--steps-per-epoch", means="N // batch_size",
+        doc="batches per epoch; when shuffling, more than N // batch_size is refused at start, with the maximum")
+    endpoint: str | None = _option(None, flag="--endpoint", means="`ipc://<runtime>/<name>.sock`",
+                                   doc="where clients connect: `ipc://PATH` or `tcp://HOST:PORT`")
+    name: str = _option("default", flag="--name", doc="the service name, for several services on one host")
+    ordered: bool = _option(True, doc="deliver in batch order (`false`: as batches finish)")
+    on_error: str = _option(
+        "raise", flag="--on-error",
+        doc="`raise`: an op's exception reaches the trainer; `skip`: the sample is replaced and counted")
+    augment: tuple = _option((), means="none", doc="the pipeline, a list of `[[augment]]` tables (Augmentation)")
+    jit: bool = _option(True, doc="`false` runs the kernels as plain Python (debugging)")
+    private_data: bool = _option(
+        False, doc="each worker reads its own copy of the features, in transparent huge pages")
+    streaming_stores: bool = _option(
+        True, doc="workers write float batches into slots with streaming stores where they can; `false` to "
+                  "compare")
+    threads_per_worker: int = _option(1, doc="numba threads in each worker")
+    worker_nice: int = _option(
+        10, doc="workers' niceness: a trainer on the same host wins the CPU and the ring covers the difference "
+                "(19 yields even more; 0 competes evenly)")
+    heartbeat_s: float = _option(
+        1.0, doc="liveness interval between broker and clients; a TCP client silent for 1.5× this is dropped "
+                 "and told so, and says HELLO again when it is back")
+    task_timeout_s: float = _option(
+        5.0, doc="a worker with tasks that reports nothing for max(this, 10× the recent time per batch) is "
+                 "killed and replaced, and its batches recomputed once")
+    max_clients: int = _option(64, doc="clients served at once; a HELLO past it is refused with the reason")
+    start_timeout_s: float = _option(300.0, doc="how long workers may take to warm up")
+    max_worker_restarts: int = _option(10, doc="worker restarts allowed per minute")
+    curve_secret_key: str | None = _option(None, flag="--curve-secret-key", means="none, no CURVE",
+                                           doc="the server's CURVE secret key file (from `ringfeed keys`)")
+    curve_authorized_keys: str | None = _option(
+        None, flag="--curve-authorized-keys", means="none, no CURVE",
+        doc="the folder of client public keys let in (with `--curve-secret-key`)")
+    max_connections: int | None = _option(  # resolved at server start
+        None, means="min(4096, fd limit ÷ 4)",
+        doc="peer connections the endpoint holds at once; past it a new connection is closed at once (the "
+            "server raises its soft fd limit to the hard limit at start)")
+    max_inbound_bytes_per_s: int = _option(
+        1 << 20, means="1048576 (1 MiB)",
+        doc="bytes a TCP connection may send the server per second, with a burst of 128 KiB, checked every "
+            "0.1 s; a connection over it is closed. A client sends tens of KB/s at the most; at least 65536")
+    metrics_port: int | None = _option(
+        None, means="none (off)",
+        doc="serve Prometheus metrics at `http://metrics_host:PORT/metrics`; 0 takes a free port, which "
+            "`ringfeed status --json` gives as `metrics_url`")
+    metrics_host: str = _option(
+        "127.0.0.1", doc="the address the metrics endpoint binds, an IP address or `localhost`; only this one "
+                         "(`0.0.0.0` to let other hosts scrape it, which the server warns about)")
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -199,3 +256,24 @@ def load_toml(path: str | os.PathLike, **overrides: Any) -> Config:
         options["data"] = str(data if data.is_absolute() else path.parent / data)
     options.update({k: v for k, v in overrides.items() if v is not None})
     return from_mapping(options)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`" if isinstance(value, str) else str(value)
+
+
+def default_text(option: Field, markdown: bool = True) -> str:
+    """What option's default is: its stated meaning, else the value (backquoted TOML in markdown)."""
+    text = option.metadata["means"] or (_toml_value(option.default) if markdown else str(option.default))
+    return text if markdown else text.replace("`", "")
+
+
+def reference_table() -> str:
+    """The README's configuration reference, from the fields' metadata: key, flag, default, meaning."""
+    rows = ["| key | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for option in fields(Config):
+        flag = f"`{option.metadata['flag']}`" if option.metadata["flag"] else ""
+        rows.append(f"| `{option.name}` | {flag} | {default_text(option)} | {option.metadata['doc']} |")
+    return "\n".join(rows) + "\n"

@@ -217,7 +217,7 @@ def test_remote_measures_raw_pyzmq_and_every_ringfeed_route(remote):
         assert (row["median_samples_per_s"] is None) == name.startswith("raw pyzmq")
 
 
-def test_report_renders_and_replaces_only_the_results_block(throughput, fit, delivery, remote, out, request):
+def test_report_renders_and_replaces_only_its_blocks(throughput, fit, delivery, remote, out, request):
     with_torch = importlib.util.find_spec("torch") is not None
     if with_torch:
         request.getfixturevalue("gpu_fit")
@@ -227,14 +227,20 @@ def test_report_renders_and_replaces_only_the_results_block(throughput, fit, del
     assert "16 buffers in turn" in printed
     assert "throughput.png" in printed and "benchmarks/throughput.py" in printed
     assert "benchmarks/fit.py --quick  # " in printed  # each reproduce line says how long its run took
-    readme = out / "README.md"
-    readme.write_text("# title\n\nbefore\n<!-- results:start -->\nold numbers\n<!-- results:end -->\nafter\n")
-    run_script("report.py", out, "--results", str(out), "--write-readme", "--readme", str(readme))
-    text = readme.read_text()
+    results_md, readme = out / "RESULTS.md", out / "README.md"
+    results_md.write_text("# title\n\nbefore\n<!-- results:start -->\nold numbers\n<!-- results:end -->\nafter\n")
+    readme.write_text("# readme\n\nabove\n<!-- summary:start -->\nold summary\n<!-- summary:end -->\nbelow\n")
+    run_script("report.py", out, "--results", str(out), "--write", "--results-md", str(results_md),
+               "--readme", str(readme))
+    text = results_md.read_text()
     assert text.startswith("# title\n\nbefore\n<!-- results:start -->\n")
     assert text.endswith("<!-- results:end -->\nafter\n")
     row = next(line for line in printed.splitlines() if line.startswith("| tf.data"))
     assert "old numbers" not in text and row in text
+    summary = readme.read_text()
+    assert summary.startswith("# readme\n\nabove\n<!-- summary:start -->\n")
+    assert summary.endswith("<!-- summary:end -->\nbelow\n") and "old summary" not in summary
+    assert "× tf.data" in summary and "[RESULTS.md](RESULTS.md)" in summary
 
 
 # -- benchmarks/images.py -------------------------------------------------------------

@@ -55,3 +55,21 @@ def test_toml_errors(tmp_path):
     bad.write_text("batch_size = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_toml(bad)
+
+
+def test_every_option_is_documented_and_the_readme_table_is_the_generated_one():
+    """The reference table in README.md is ``reference_table()``, rendered from Config's metadata."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from loader_server.config import reference_table
+
+    for option in fields(Config):
+        assert option.metadata["doc"], f"{option.name} has no doc in its metadata"
+        assert option.metadata["means"] or option.default is not None, f"{option.name}: say what None means"
+    table = reference_table()
+    assert [line.split("`")[1] for line in table.splitlines()[2:]] == [f.name for f in fields(Config)]
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start, end = readme.index("<!-- config:start -->\n"), readme.index("<!-- config:end -->")
+    assert readme[start + len("<!-- config:start -->\n"):end] == table, \
+        "README's configuration table differs from loader_server.config.reference_table(): paste it in again"

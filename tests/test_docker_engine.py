@@ -249,7 +249,8 @@ def test_zero_copy_profile_maps_the_loaders_ring(compose, reference):
 
 
 def test_one_host_docker_run_serves_a_trainer_outside_the_container(compose, reference):
-    """README "One host": the image's own command and health check, a published port, a host folder."""
+    """docker/README.md "One host" (and README.md's Deployment): the image's own command and health check,
+    a published port, a host folder."""
     from client import Feed
 
     port, name = free_port(), f"{compose.project}-one-host"

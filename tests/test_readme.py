@@ -1,4 +1,4 @@
-"""The README's snippets for samples with several fields, run as they are printed."""
+"""The snippets of README.md and the docs it links to, run as they are printed; their links resolve."""
 
 from __future__ import annotations
 
@@ -13,21 +13,26 @@ from pathlib import Path
 
 import numpy as np
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+SERVER_DOC = REPO / "loader_server" / "README.md"
+# Every markdown file the project writes: its python blocks are run below or say why not.
+DOCS = (README, REPO / "docker" / "README.md", SERVER_DOC, REPO / "benchmarks" / "RESULTS.md")
 
 
 NOT_RUN = "<!-- not run:"  # the line before a block no test runs, saying why
-RUN_BY = {  # the README sections whose python blocks the tests below run, all of them
-    "Use it from `model.fit`": "test_the_fit_section_runs_as_printed_without_warnings",
-    "From Python, without the CLI": "test_the_service_from_python_snippet_runs_as_printed",
-    "Samples with several fields": "test_the_several_fields_example_runs_as_printed",
-    "Augmentation": "test_the_custom_op_snippet_runs_as_an_op",
+RUN_BY = {  # (doc, section) whose python blocks the tests below run, all of them
+    (README, "Use it from `model.fit`"): "test_the_fit_section_runs_as_printed_without_warnings",
+    (README, "From Python, without the CLI"): "test_the_service_from_python_snippet_runs_as_printed",
+    (README, "Samples with several fields"): "test_the_several_fields_example_runs_as_printed",
+    (SERVER_DOC, "Per-sample Python"): "test_the_python_op_snippet_and_its_toml_run_as_printed",
+    (SERVER_DOC, "Custom ops"): "test_the_custom_op_snippet_runs_as_an_op",
 }
 
 
-def _all_blocks() -> list[tuple[str, str, str, bool]]:
-    """(section, language, code, marked not-run) of every fenced block, by nearest heading."""
-    blocks, section, lines = [], "", README.read_text().splitlines()
+def _all_blocks(doc: Path = README) -> list[tuple[str, str, str, bool]]:
+    """(section, language, code, marked not-run) of every fenced block of ``doc``, by nearest heading."""
+    blocks, section, lines = [], "", doc.read_text().splitlines()
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -42,18 +47,52 @@ def _all_blocks() -> list[tuple[str, str, str, bool]]:
     return blocks
 
 
-def _blocks(section: str, runnable_only: bool = False) -> list[tuple[str, str]]:
-    """(language, code) of each fenced block under the heading ``section``."""
-    return [(language, code) for heading, language, code, marked in _all_blocks()
+def _blocks(section: str, runnable_only: bool = False, doc: Path = README) -> list[tuple[str, str]]:
+    """(language, code) of each fenced block of ``doc`` under the heading ``section``."""
+    return [(language, code) for heading, language, code, marked in _all_blocks(doc)
             if heading == section and not (runnable_only and marked)]
 
 
 def test_every_python_block_is_run_by_a_test_or_says_why_not():
-    blocks = [(section, marked) for section, language, _, marked in _all_blocks() if language == "python"]
+    blocks = [(doc, section, marked) for doc in DOCS for section, language, _, marked in _all_blocks(doc)
+              if language == "python"]
     assert len(blocks) >= 8
-    unrun = [section for section, marked in blocks if not marked and section not in RUN_BY]
+    unrun = [f"{doc.relative_to(REPO)}: {section}" for doc, section, marked in blocks
+             if not marked and (doc, section) not in RUN_BY]
     assert unrun == []
     assert all(name in globals() for name in RUN_BY.values())
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_in_the_docs_names_a_file_and_heading_that_exist():
+    checked = 0
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (doc.parent / path).resolve() if path else doc
+            assert linked.exists(), f"{doc.relative_to(REPO)} links to {target}, which does not exist"
+            if anchor:
+                headings = [_anchor(line.lstrip("#")) for line in linked.read_text().splitlines()
+                            if line.startswith("#")]
+                assert anchor in headings, f"{doc.relative_to(REPO)} links to {target}: no such heading"
+            checked += 1
+    assert checked >= 8
+
+
+def test_the_readme_stays_short_and_its_results_are_a_generated_summary():
+    """Long material lives in the docs it links to; figures come from benchmarks/report.py."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 335
+    assert re.search(r"ringfeed [0-9a-f]{10}", text) is None, "commit hashes belong in benchmarks/RESULTS.md"
+    summary = text[text.index("<!-- summary:start -->"):text.index("<!-- summary:end -->")]
+    assert "benchmarks/RESULTS.md" in summary and "<!-- results:start -->" not in text
+    assert text.count("×") - summary.count("×") <= 3  # rules such as heartbeat_s's 1.5×; no ratios in prose
 
 
 def test_the_several_fields_example_runs_as_printed(tmp_path, capsys):
@@ -70,7 +109,7 @@ def test_the_python_op_snippet_and_its_toml_run_as_printed(tmp_path, monkeypatch
     from client import Feed
     from loader_server import Config, Service
 
-    blocks = _blocks("Samples with several fields")
+    blocks = _blocks("Per-sample Python", doc=SERVER_DOC)
     module = next(code for language, code in blocks if language == "python" and "def rotate" in code)
     table = next(code for language, code in blocks if language == "toml")
     (tmp_path / "my_ops.py").write_text(module)
@@ -180,7 +219,7 @@ def test_the_custom_op_snippet_runs_as_an_op(tmp_path, monkeypatch, name):
     from client import Feed
     from loader_server import Config, Service
 
-    (language, code), = [block for block in _blocks("Augmentation") if block[0] == "python"]
+    (language, code), = [block for block in _blocks("Custom ops", doc=SERVER_DOC) if block[0] == "python"]
     (tmp_path / "readme_ops.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")

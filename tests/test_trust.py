@@ -15,6 +15,7 @@ import os
 import stat
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -564,3 +565,24 @@ def test_state_files_that_are_missing_stale_or_malformed_read_as_none(runtime, n
     dead.wait()
     _write_state(path, dead.pid)
     assert background.read_state(name) is None and not path.exists()  # a stale file is removed
+
+
+def test_a_bad_frame_the_heartbeat_takes_is_the_feeds_failure_and_the_heartbeat_goes_on(base_welcome):
+    """A frame that arrives while the trainer is busy elsewhere is read by the heartbeat thread.
+    Its error must reach the trainer, and the thread must go on reading the socket's monitor:
+    libzmq's I/O thread, shared by every socket of the process, waits while a monitor is full."""
+    fields = base_welcome["layout"]["fields"]
+    bad = [*protocol.batch(protocol.BatchMsg(0, 0, 0, 0, 0)), *(b"" for _ in fields)]
+    with FakeServer(base_welcome, after_mode=bad) as server:
+        feed = Feed(server.endpoint, timeout_s=5.0, prefetch=PREFETCH, transport="frames")
+        try:
+            deadline = time.monotonic() + 10 * feed.heartbeat_s
+            while feed._failure is None and time.monotonic() < deadline:
+                time.sleep(feed.heartbeat_s / 8)  # not reading: the heartbeat takes the frame
+            with pytest.raises(protocol.ProtocolError, match=f"field '{fields[0]['name']}' is 0 bytes"):
+                feed.next_batch()
+            assert feed._thread.is_alive()
+        finally:
+            feed.close()
+        feed._thread.join(5)
+        assert not feed._thread.is_alive()
