@@ -56,7 +56,7 @@ def add_output_options(p: argparse.ArgumentParser, out_help: str = "folder for t
                        f"{RESULTS.relative_to(REPO)}/ with --write-results)")
     where.add_argument("--write-results", action="store_true",
                        help=f"a deliberate full run: write into {RESULTS.relative_to(REPO)}/, the results "
-                       "the README reports (refused with --quick)")
+                       "benchmarks/RESULTS.md reports (refused with --quick)")
 
 
 def output_folder(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:

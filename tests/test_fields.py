@@ -208,4 +208,7 @@ def test_on_error_skip_replaces_the_sample_a_python_op_fails_on(name):
     with Service(config, features=images, labels=labels) as svc, Feed(svc.endpoint) as feed:
         ids = np.concatenate([feed.next_batch(copy=True)[1] for _ in range(feed.steps_per_epoch)])
         skipped = query_status(svc.endpoint)["samples_skipped"]
-    assert 13 not in ids and len(ids) == 64 and skipped == 1
+        # Sample 13 is in every epoch once, and the worker may already have made up to the feed's
+        # credit (prefetch) in batches past this epoch: each later epoch it reached skipped it too.
+        epochs_made = 1 + -(-feed.prefetch // feed.steps_per_epoch)
+    assert 13 not in ids and len(ids) == 64 and 1 <= skipped <= epochs_made
