@@ -124,7 +124,7 @@ def ringfeed_services(stack, bench: str, kinds, features, labels, counts=None, f
     feed holds slots of its service, so feeds never share one): yields (kind, workers, endpoint).
     ``fields``: the dataset's named fields, in place of ``features`` and ``labels``. ``options``
     are further ``Config`` options (``augment`` replaces the standard ``AUGMENT``)."""
-    from loader_server import Config, Service
+    from ringfeed.server import Config, Service
 
     options = {"augment": AUGMENT, **options}
     data = {"fields": fields} if fields is not None else {"features": features, "labels": labels}
@@ -221,12 +221,40 @@ def timed(pull, seconds: float, warmup: int) -> tuple[int, float]:
             return calls, now - start
 
 
+def shape_dtype(a) -> tuple[tuple, str]:
+    """(shape, dtype name) of a numpy array or a TensorFlow or PyTorch tensor."""
+    return tuple(a.shape), getattr(a.dtype, "name", None) or str(a.dtype).rsplit(".", 1)[-1]
+
+
+def torch_missing() -> str | None:
+    """Why the PyTorch DataLoader contenders cannot run here, or None."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        return f"torch is not importable ({exc}); pip install torch to include the DataLoader contenders"
+    return None
+
+
+def start_all(stack, contenders, warmup: int) -> None:
+    """Start (build and warm, untimed) each contender in turn, its ``stop`` on ``stack``."""
+    for c in contenders:
+        log(f"starting {c.label}")
+        stack.callback(c.stop)
+        c.start(warmup)
+
+
 def median(values) -> float:
     return float(statistics.median(values))
 
 
 def ratio(value: float | None, reference: float | None) -> float | None:
     return value / reference if value and reference else None
+
+
+def same_run_ratios(mine: list[float], theirs: list[float]) -> tuple[float | None, float]:
+    """Two contenders timed in the same rounds: the ratio of their medians, and the median of
+    each round's own ratio."""
+    return ratio(median(mine), median(theirs)), median(a / b for a, b in zip(mine, theirs))
 
 
 def process_cpu_s(pid: int) -> float:
@@ -318,9 +346,9 @@ def versions() -> dict:
 
 def ringfeed_source() -> dict:
     """Which ringfeed code ran: the imported package's folder and its git commit, dirty or not."""
-    import loader_server
+    import ringfeed.server
 
-    folder = Path(loader_server.__file__).resolve().parent.parent
+    folder = Path(ringfeed.server.__file__).resolve().parent.parent
     info = {"path": str(folder), "commit": None, "dirty": None}
     try:
         git = ["git", "-C", str(folder)]
@@ -338,6 +366,15 @@ def header(bench: str, args: argparse.Namespace, **settings) -> dict:
             "command": shlex.join([Path(sys.executable).name, *sys.argv]), "quick": args.quick,
             "rounds": args.rounds, "settings": settings, "machine": machine_info(), "versions": versions(),
             "ringfeed_source": ringfeed_source()}
+
+
+def print_comparisons(comparisons: list[dict]) -> None:
+    """One line per comparison row (``what``, ``ratio``, ``median_round_ratio``, ``target``)."""
+    for c in comparisons:
+        shown = "not measured" if c["ratio"] is None else \
+            f"{c['ratio']:.2f}x (per round {c['median_round_ratio']:.2f}x)"
+        target = "" if c["target"] is None else f", target >= {c['target']:g}x"
+        print(f"{c['what']}: {shown}{target}")
 
 
 def write_json(path: Path, result: dict) -> None:

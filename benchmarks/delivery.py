@@ -34,7 +34,7 @@ class Route:
     """One way of taking batches: ``next_batch`` or the generator, from a service of its own."""
 
     def __init__(self, svc, workers: int, batch_size: int, use_generator: bool):
-        from client import Feed
+        from ringfeed import Feed
 
         how = "generator" if use_generator else "next_batch"
         self.name = f"{how}-w{workers}"
@@ -96,7 +96,7 @@ def main() -> None:
     warmup = 50 if args.quick else 500
     samples = 4096 if args.quick else 65536
 
-    from loader_server import Config, Service
+    from ringfeed.server import Config, Service
 
     rng = np.random.default_rng(SEED)
     features = rng.standard_normal((samples, FEATURES), dtype=np.float32)

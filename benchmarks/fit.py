@@ -168,7 +168,7 @@ class RingfeedGenerator(Input):
     group = "ringfeed"
 
     def __init__(self, endpoint: str, workers: int | str, **feed_options):
-        from client import Feed
+        from ringfeed import Feed
 
         super().__init__(*ringfeed_contender("generator", workers), workers)
         self.endpoint = endpoint
@@ -308,7 +308,7 @@ def autotune_comparisons(inputs: list[Input], fit_steps: list[Input], feeds: lis
 
 
 def workers_active(endpoint: str) -> int | None:
-    from client.status import query_status
+    from ringfeed.status import query_status
 
     return (query_status(endpoint) or {}).get("workers_active")
 

@@ -76,7 +76,7 @@ class TorchDataLoader(fit.TimedReader):
     def __init__(self, features, labels, workers: int, pin_memory: bool):
         from torch.utils.data import DataLoader
 
-        from throughput import NumbaBatchDataset, _torch_worker_init
+        from throughput_contenders import NumbaBatchDataset, _torch_worker_init
 
         super().__init__("torch-dataloader", f"PyTorch DataLoader, numba batches, {workers} workers"
                          + (", pin_memory" if pin_memory else ""), workers)
@@ -118,7 +118,7 @@ def check_pinned(plain: str, pinned: str) -> dict:
     import numpy as np
     import torch
 
-    from client import Feed
+    from ringfeed import Feed
 
     with Feed(plain) as a, Feed(pinned, pin_memory=True) as b:
         (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()

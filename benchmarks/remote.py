@@ -20,6 +20,7 @@ delivered x bytes and samples/s; the Scale-out issue's target is ringfeed TCP
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 from contextlib import ExitStack
 
@@ -46,8 +47,8 @@ def batch_maker(name: str, samples: int):
     """make(out): one batch of the workload written into ``out``, as ringfeed's workers would."""
     import numba
 
-    from loader_server.augment import Pipeline
-    from loader_server.augment.rng import sample_keys
+    from ringfeed.server.augment import Pipeline
+    from ringfeed.server.augment.rng import sample_keys
 
     numba.set_num_threads(1)
     features, _, augment = workload(name, samples)
@@ -101,15 +102,15 @@ class RawZmq:
     servers = 1
 
     @staticmethod
-    def named(buffers: int, work: tuple | None = None) -> str:
-        if work is not None:
+    def named(buffers: int, makes_batches: bool = False) -> str:
+        if makes_batches:
             return f"{RawZmq.name}, sender makes each batch (1 core)"
         return RawZmq.name if buffers == 1 else f"{RawZmq.name}, {buffers} buffers in turn"
 
     def __init__(self, nbytes: int, buffers: int = 1, work: tuple | None = None):
         import zmq
 
-        self.name = self.named(buffers, work)
+        self.name = self.named(buffers, work is not None)
         self.nbytes, self.batch_bytes = nbytes, nbytes
         endpoint = f"tcp://127.0.0.1:{benchlib.free_port()}"
         ctx = mp.get_context("spawn")
@@ -136,11 +137,11 @@ class RawZmq:
 
 class RingfeedRoute:
     def __init__(self, name: str, endpoints, transport: str, batch_bytes: int):
-        from client import Feed
+        from ringfeed import open_feed
 
         self.name, self.batch_bytes = name, batch_bytes
         self.servers = 1 if isinstance(endpoints, str) else len(endpoints)
-        self.feed = Feed(endpoints, transport=transport, timeout_s=30)
+        self.feed = open_feed(endpoints, transport=transport, timeout_s=30)
         self._gen = self.feed.generator()
 
     def pull(self) -> None:
@@ -150,57 +151,63 @@ class RingfeedRoute:
         self.feed.close()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The arguments, with ``seconds``, ``warmup`` and ``samples`` filled in for a full or quick run."""
     p = benchlib.parser(__doc__.split("\n\n")[0], rounds=5, quick_rounds=2)
     p.add_argument("--seconds", type=float, help="timed seconds per contender per round (default 4, 0.5 quick)")
     p.add_argument("--workload", choices=("augment", "gather"), default="augment",
                    help="augment: the standard crop/flip/normalize workload; gather: float32 samples already "
                         "56x56x3 and no augmentation, so workers only gather and the transport sets the rate")
     args = benchlib.parse(p)
-    seconds = args.seconds or (0.5 if args.quick else 4.0)
+    args.seconds = args.seconds or (0.5 if args.quick else 4.0)
     # Untimed pulls: past what a feed's prefetch (16 from each of its servers) or raw pyzmq's
     # queues (8 + 8) hold.
-    warmup = 3 if args.quick else 24
-    samples = 2048 if args.quick else 20000
+    args.warmup = 3 if args.quick else 24
+    args.samples = 2048 if args.quick else 20000
+    return args
 
-    from loader_server import Config, Service
 
-    features, labels, augment = workload(args.workload, samples)
-    samples = len(features)
-    batch_bytes = BATCH * CROP[0] * CROP[1] * IMAGE[2] * 4
-    result = benchlib.header("remote", args, workload=args.workload, samples=samples, batch_size=BATCH,
-                             batch_bytes=batch_bytes, augment=augment, seconds_per_round=seconds,
-                             targets={"tcp_vs_raw": TARGET_RATIO})
-    with ExitStack() as stack:
-        def service(tag: str, workers: int, tcp: bool, **options):
-            endpoint = f"tcp://127.0.0.1:{benchlib.free_port()}" if tcp else None
-            config = Config(batch_size=BATCH, workers=workers, seed=SEED, augment=augment, endpoint=endpoint,
-                            name=benchlib.service_name("remote", tag), **options)
-            return stack.enter_context(Service(config, features=features, labels=labels))
+def start_routes(stack: ExitStack, args: argparse.Namespace, features, labels, augment, batch_bytes: int) -> list:
+    """The raw pyzmq senders and the ringfeed routes, each stopped by ``stack``."""
+    from ringfeed.server import Config, Service
 
-        log("starting services: two on tcp with 2 workers (one with plain stores), three on tcp with 1 worker each")
-        single = service("single", 2, tcp=True)
-        plain = service("plain", 2, tcp=True, streaming_stores=False)
-        trio = [service(f"trio{k}", 1, tcp=True) for k in range(3)]
-        making = RawZmq(batch_bytes, RING_BUFFERS, (args.workload, samples))
-        routes = [RawZmq(batch_bytes), RawZmq(batch_bytes, RING_BUFFERS), making,
-                  RingfeedRoute("ringfeed tcp frames", single.endpoint, "frames", batch_bytes),
-                  RingfeedRoute("ringfeed tcp frames, plain stores", plain.endpoint, "frames", batch_bytes),
-                  RingfeedRoute("ringfeed shm (same server)", single.endpoint, "shm", batch_bytes),
-                  RingfeedRoute("ringfeed 3 servers fan-in", [s.endpoint for s in trio], "frames", batch_bytes)]
-        for route in routes:
-            stack.callback(route.stop)
-        rounds = {route.name: [] for route in routes}
-        for r in range(args.rounds):
-            shift = r % len(routes)
-            for route in routes[shift:] + routes[:shift]:
-                calls, elapsed = benchlib.timed(route.pull, seconds, warmup * route.servers)
-                mb_s = calls * route.batch_bytes / elapsed / 1e6
-                rounds[route.name].append(mb_s)
-                log(f"[round {r + 1}/{args.rounds}] {route.name:<48} {mb_s:>8,.0f} MB/s")
+    def service(tag: str, workers: int, tcp: bool, **options):
+        endpoint = f"tcp://127.0.0.1:{benchlib.free_port()}" if tcp else None
+        config = Config(batch_size=BATCH, workers=workers, seed=SEED, augment=augment, endpoint=endpoint,
+                        name=benchlib.service_name("remote", tag), **options)
+        return stack.enter_context(Service(config, features=features, labels=labels))
 
-    raw, ring = (benchlib.median(rounds[RawZmq.named(n)]) for n in (1, RING_BUFFERS))
-    made = benchlib.median(rounds[making.name])
+    log("starting services: two on tcp with 2 workers (one with plain stores), three on tcp with 1 worker each")
+    single = service("single", 2, tcp=True)
+    plain = service("plain", 2, tcp=True, streaming_stores=False)
+    trio = [service(f"trio{k}", 1, tcp=True) for k in range(3)]
+    making = RawZmq(batch_bytes, RING_BUFFERS, (args.workload, args.samples))
+    routes = [RawZmq(batch_bytes), RawZmq(batch_bytes, RING_BUFFERS), making,
+              RingfeedRoute("ringfeed tcp frames", single.endpoint, "frames", batch_bytes),
+              RingfeedRoute("ringfeed tcp frames, plain stores", plain.endpoint, "frames", batch_bytes),
+              RingfeedRoute("ringfeed shm (same server)", single.endpoint, "shm", batch_bytes),
+              RingfeedRoute("ringfeed 3 servers fan-in", [s.endpoint for s in trio], "frames", batch_bytes)]
+    for route in routes:
+        stack.callback(route.stop)
+    return routes
+
+
+def run_rounds(routes: list, rounds: int, seconds: float, warmup: int) -> dict[str, list[float]]:
+    """Each round times every route once, the order rotated by one each round: name -> MB/s per round."""
+    measured = {route.name: [] for route in routes}
+    for r in range(rounds):
+        shift = r % len(routes)
+        for route in routes[shift:] + routes[:shift]:
+            calls, elapsed = benchlib.timed(route.pull, seconds, warmup * route.servers)
+            mb_s = calls * route.batch_bytes / elapsed / 1e6
+            measured[route.name].append(mb_s)
+            log(f"[round {r + 1}/{rounds}] {route.name:<48} {mb_s:>8,.0f} MB/s")
+    return measured
+
+
+def summarize(rounds: dict[str, list[float]], batch_bytes: int) -> list[dict]:
+    raw, ring, made = (benchlib.median(rounds[name]) for name in (
+        RawZmq.named(1), RawZmq.named(RING_BUFFERS), RawZmq.named(RING_BUFFERS, makes_batches=True)))
     rows = []
     for name, values in rounds.items():
         mb_s = benchlib.median(values)
@@ -209,6 +216,21 @@ def main() -> None:
                      "ratio_to_raw_pyzmq": benchlib.ratio(mb_s, raw),
                      "ratio_to_raw_ring_buffers": benchlib.ratio(mb_s, ring),
                      "ratio_to_raw_sender_making_batches": benchlib.ratio(mb_s, made)})
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    features, labels, augment = workload(args.workload, args.samples)
+    args.samples = len(features)
+    batch_bytes = BATCH * CROP[0] * CROP[1] * IMAGE[2] * 4
+    result = benchlib.header("remote", args, workload=args.workload, samples=args.samples, batch_size=BATCH,
+                             batch_bytes=batch_bytes, augment=augment, seconds_per_round=args.seconds,
+                             targets={"tcp_vs_raw": TARGET_RATIO})
+    with ExitStack() as stack:
+        routes = start_routes(stack, args, features, labels, augment, batch_bytes)
+        rounds = run_rounds(routes, args.rounds, args.seconds, args.warmup)
+    rows = summarize(rounds, batch_bytes)
     result["contenders"] = rows
     benchlib.write_json(args.out / f"remote-{args.workload}.json", result)
     print(f"{'contender':<48}{'MB/s':>10}{'vs raw':>9}{'vs raw ring':>13}{'vs raw making':>15}")

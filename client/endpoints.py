@@ -1,4 +1,4 @@
-"""Endpoint lists and patterns, as ``Feed(...)`` and ``RINGFEED_ENDPOINT`` take them.
+"""Endpoint lists and patterns, as ``ringfeed.open_feed(...)`` and ``RINGFEED_ENDPOINT`` take them.
 
 ``"tcp://a:5555,tcp://b:5555"`` is two endpoints; ``{first..last}`` in one
 expands to each number in turn, so a trainer follows a StatefulSet's replica

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import time
 
+from .batch_stream import BatchStream
 from .errors import RingfeedError
-from .feed import DEFAULT_TIMEOUT_S, BatchStream, Feed
+from .feed import DEFAULT_TIMEOUT_S, Feed
 
 log = logging.getLogger("ringfeed.fanin")
 
@@ -24,10 +25,14 @@ REJOIN_TIMEOUT_S = 0.5
 
 
 class FanInFeed(BatchStream):
+    """One stream from the servers at ``endpoints`` (a list, in shard order); the other options
+    are ``Feed``'s, given to the feed of each server, but ``job`` and ``shard``."""
+
     def __init__(self, endpoints: list[str], *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  start: tuple[int, int] = (0, 0), **options):
-        if not endpoints or not all(isinstance(e, str) for e in endpoints):
-            raise ValueError(f"endpoints must be a non-empty list of strings, got {endpoints!r}")
+        if isinstance(endpoints, str) or not endpoints or not all(isinstance(e, str) for e in endpoints):
+            raise ValueError(f"endpoints must be a non-empty list of strings, got {endpoints!r} "
+                             "(ringfeed.open_feed takes a comma-separated list or a pattern)")
         if "job" in options or "shard" in options:
             raise ValueError("a fan-in feed assigns shards itself; give job/shard to single feeds")
         self.endpoints, self.timeout_s, self._options = list(endpoints), timeout_s, options

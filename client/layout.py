@@ -14,9 +14,14 @@ from __future__ import annotations
 import math
 import mmap
 import re
+import struct
 from dataclasses import dataclass
 
 from .paths import SEGMENT_NAME
+
+# The batch record: what a BATCHES message carries and a mailbox holds, one per batch.
+BATCH_RECORD = struct.Struct("<IIqqQ")  # slot, flags, epoch, index, seq
+MAILBOX_CONTROL = 128  # a mailbox's control words (client/mailbox.py), before its records
 
 ALIGN = 64
 PAGE = mmap.PAGESIZE
@@ -135,8 +140,6 @@ class RingLayout:
             if other_start < end:
                 raise LayoutError(f"fields {name!r} [{start}, {end}) and {other!r} [{other_start}, "
                                   f"{other_end}) overlap in the slot")
-        from .mailbox import mailbox_bytes  # here: client/mailbox.py imports protocol, which imports this
-
         mailboxes_end = self.mailbox_offset + self.mailboxes * mailbox_bytes(self.mailbox_capacity)
         if mailboxes_end > self.header:
             raise LayoutError(f"field 'mailbox_offset': {self.mailboxes} mailboxes from byte "
@@ -234,3 +237,8 @@ def _dtype(item: dict) -> str:
         raise LayoutError(f"field 'dtype' must be a bool, int, uint, float or complex dtype as numpy "
                           f"spells it ('<f4', '|u1', ...), got {dtype!r:.40}")
     return dtype
+
+
+def mailbox_bytes(capacity: int) -> int:
+    """The bytes of one mailbox of ``capacity`` records."""
+    return MAILBOX_CONTROL + capacity * BATCH_RECORD.size

@@ -42,25 +42,19 @@ one poll timeout, never a hang.
 from __future__ import annotations
 
 import platform
-import struct
 import threading
 
 import numpy as np
 
+from .layout import BATCH_RECORD, MAILBOX_CONTROL, mailbox_bytes
 from .protocol import BatchMsg, ProtocolError
 
-MAILBOX_CONTROL = 128
-RECORD = struct.Struct("<IIqqQ")  # slot, flags, epoch, index, seq: the BATCHES record
 _TOKEN, _TAIL, _WAITING = 0, 1, 8
 _FENCE = threading.Lock()
 
 
 def supported() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
-
-
-def mailbox_bytes(capacity: int) -> int:
-    return MAILBOX_CONTROL + capacity * RECORD.size
 
 
 def open_mailbox(base: np.ndarray, first_offset: int, capacity: int, k: int) -> "Mailbox":
@@ -99,8 +93,8 @@ class Mailbox:
         it asked for, or ``more_coming`` is False (nothing else is being made for it)."""
         tail = int(self._ctl[_TAIL])
         for k, r in enumerate(records):
-            RECORD.pack_into(self._buf, (tail + k) % self.capacity * RECORD.size,
-                             r.slot, r.flags, r.epoch, r.index, r.seq)
+            BATCH_RECORD.pack_into(self._buf, (tail + k) % self.capacity * BATCH_RECORD.size,
+                                   r.slot, r.flags, r.epoch, r.index, r.seq)
         tail += len(records)
         self._ctl[_TAIL] = tail
         fence()
@@ -124,7 +118,7 @@ class Mailbox:
             raise ProtocolError(f"mailbox: {count} new records, expected 0 to {self.capacity}")
         records = []
         for n in range(self.head, tail):
-            msg = BatchMsg(*RECORD.unpack_from(self._buf, n % self.capacity * RECORD.size))
+            msg = BatchMsg(*BATCH_RECORD.unpack_from(self._buf, n % self.capacity * BATCH_RECORD.size))
             if not 0 <= msg.slot < slots:
                 raise ProtocolError(f"mailbox: record for slot {msg.slot}, expected 0 to {slots - 1}")
             records.append(msg)

@@ -152,6 +152,11 @@ def state_file(name: str = "default") -> Path:
     return runtime_dir() / f"{name}.json"
 
 
+def config_file(name: str = "default") -> Path:
+    """The resolved config ``ringfeed start`` wrote for service ``name`` (its server reads it)."""
+    return runtime_dir() / f"{name}.config.json"
+
+
 def log_file(name: str = "default") -> Path:
     return runtime_dir() / f"{name}.log"
 

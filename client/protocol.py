@@ -34,14 +34,8 @@ Client <-> broker (the client's DEALER talks to the broker's ROUTER)::
                                                        "Expired": the server dropped this client,
                                                        which may say HELLO again from where it is)
 
-Worker <-> broker (each worker's own socketpair, see loader_server/channel.py)::
-
-    W_HELLO {worker, pid}          worker is warm and ready for tasks
-    TASK   <slot:u32 epoch:i64 index:i64>+       (one or more tasks)
-    W_DONE <slot:u32 skipped:u32>+      (one or more finished; skipped: samples replaced
-                                         under on_error="skip")
-    W_ERROR <slot:u32> {kind, message, traceback, epoch, index, sample}
-    STOP
+The broker's messages to its workers are the server's own
+(``loader_server/worker_protocol.py``), built on this module's framing.
 
 WELCOME's ``layout`` is the ring segment's (``client/layout.py``)::
 
@@ -68,7 +62,7 @@ import json
 import struct
 from dataclasses import dataclass
 
-from .layout import TOKEN_BYTES, LayoutError, RingLayout
+from .layout import BATCH_RECORD, TOKEN_BYTES, LayoutError, RingLayout
 from .structure import Structure, StructureError
 
 PROTOCOL_VERSION = 4  # 4: a slot holds named fields, WELCOME a structure, BATCH a frame per field
@@ -95,20 +89,9 @@ MAX_BATCHES_PER_MESSAGE = 4096
 ERROR = b"ERROR"
 EXPIRED = "Expired"  # the ERROR kind that tells a client it was dropped
 
-W_HELLO = b"W_HELLO"
-TASK = b"TASK"
-W_DONE = b"W_DONE"
-W_ERROR = b"W_ERROR"
-STOP = b"STOP"
-
 FLAG_COPY = 1  # the client must copy the batch out and release the slot at once
 FLAG_ERROR = 2  # "mailbox" mode: this batch failed; its ERROR message is on the socket
-MAX_TASKS_PER_MESSAGE = 64
 
-_BATCH = struct.Struct("<IIqqQ")
-_TASK = struct.Struct("<Iqq")
-_SLOT = struct.Struct("<I")
-_DONE = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 
 # WELCOME limits (the layout's are in client/layout.py): generous, and arithmetic on them stays sane.
@@ -130,19 +113,12 @@ class BatchMsg:
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
-class TaskMsg:
-    slot: int
-    epoch: int
-    index: int
-
-
-def _expect_frames(frames: list, count: int, what: str) -> None:
+def expect_frames(frames: list, count: int, what: str) -> None:
     if len(frames) != count:
         raise ProtocolError(f"{what}: expected {count} frame(s), got {len(frames)}")
 
 
-def _unpack(fmt: struct.Struct, frame, what: str) -> tuple:
+def unpack(fmt: struct.Struct, frame, what: str) -> tuple:
     buf = memoryview(frame)
     if buf.nbytes != fmt.size:
         raise ProtocolError(f"{what}: expected a {fmt.size}-byte record, got {buf.nbytes} bytes")
@@ -210,7 +186,7 @@ def hello(start_epoch: int, start_index: int, credit: int, pid: int, pidns: str,
 
 
 def parse_hello(frames: list) -> HelloMsg:
-    _expect_frames(frames, 2, "HELLO")
+    expect_frames(frames, 2, "HELLO")
     obj = decode_json(frames[1], "HELLO")
     version = json_field(obj, "version", int, "HELLO")
     if version != PROTOCOL_VERSION:
@@ -249,9 +225,9 @@ def parse_mode(frames: list) -> tuple[str, bytes | None]:
     if value not in MODES:
         raise ProtocolError(f"MODE: expected one of {MODES}, got {value[:32]!r}")
     if value == b"frames":
-        _expect_frames(frames, 2, "MODE frames")
+        expect_frames(frames, 2, "MODE frames")
         return "frames", None
-    _expect_frames(frames, 3, f"MODE {value.decode()}")
+    expect_frames(frames, 3, f"MODE {value.decode()}")
     proof = bytes(memoryview(frames[2]))
     if len(proof) != PROOF_BYTES:
         raise ProtocolError(f"MODE {value.decode()}: proof of {len(proof)} bytes, expected {PROOF_BYTES}")
@@ -263,7 +239,7 @@ def ack(credit: int, releases: list[int]) -> list[bytes]:
 
 
 def parse_ack(frames: list) -> tuple[int, tuple[int, ...]]:
-    _expect_frames(frames, 2, "ACK")
+    expect_frames(frames, 2, "ACK")
     buf = memoryview(frames[1])
     if buf.nbytes < 4 or buf.nbytes % 4 or buf.nbytes > 4 * (MAX_RELEASES_PER_ACK + 1):
         raise ProtocolError(f"ACK: payload must be 4*(1+n) bytes with n <= {MAX_RELEASES_PER_ACK}, "
@@ -329,7 +305,7 @@ def _mailbox_field(obj: dict, mailboxes: int) -> tuple[int, int] | None:
 
 def parse_welcome(frames: list, requested_credit: int) -> WelcomeMsg:
     """WELCOME, checked field by field; ``requested_credit`` is what this client's HELLO asked for."""
-    _expect_frames(frames, 2, "WELCOME")
+    expect_frames(frames, 2, "WELCOME")
     obj = decode_json(frames[1], "WELCOME")
     batch_size = _int_field(obj, "batch_size", 1, MAX_BATCH_SIZE, "WELCOME")
     layout = _layout(json_field(obj, "layout", dict, "WELCOME"), batch_size)
@@ -348,27 +324,27 @@ def parse_welcome(frames: list, requested_credit: int) -> WelcomeMsg:
 
 
 def batch(msg: BatchMsg) -> list[bytes]:
-    return [BATCH, _BATCH.pack(msg.slot, msg.flags, msg.epoch, msg.index, msg.seq)]
+    return [BATCH, BATCH_RECORD.pack(msg.slot, msg.flags, msg.epoch, msg.index, msg.seq)]
 
 
 def batches(msgs: list[BatchMsg]) -> list[bytes]:
-    return [BATCHES, b"".join(_BATCH.pack(m.slot, m.flags, m.epoch, m.index, m.seq) for m in msgs)]
+    return [BATCHES, b"".join(BATCH_RECORD.pack(m.slot, m.flags, m.epoch, m.index, m.seq) for m in msgs)]
 
 
 def parse_batches(frames: list) -> list[BatchMsg]:
-    _expect_frames(frames, 2, "BATCHES")
+    expect_frames(frames, 2, "BATCHES")
     buf = memoryview(frames[1])
-    count, rest = divmod(buf.nbytes, _BATCH.size)
+    count, rest = divmod(buf.nbytes, BATCH_RECORD.size)
     if rest or not 1 <= count <= MAX_BATCHES_PER_MESSAGE:
-        raise ProtocolError(f"BATCHES: expected 1 to {MAX_BATCHES_PER_MESSAGE} records of {_BATCH.size} bytes, "
-                            f"got {buf.nbytes} bytes")
-    return [BatchMsg(*fields) for fields in _BATCH.iter_unpack(buf)]
+        raise ProtocolError(f"BATCHES: expected 1 to {MAX_BATCHES_PER_MESSAGE} records of "
+                            f"{BATCH_RECORD.size} bytes, got {buf.nbytes} bytes")
+    return [BatchMsg(*fields) for fields in BATCH_RECORD.iter_unpack(buf)]
 
 
 def parse_batch(frames: list, fields: int) -> BatchMsg:
     """BATCH in "frames" mode: its record, then one frame for each of the layout's ``fields``."""
-    _expect_frames(frames, 2 + fields, "BATCH")
-    return BatchMsg(*_unpack(_BATCH, frames[1], "BATCH"))
+    expect_frames(frames, 2 + fields, "BATCH")
+    return BatchMsg(*unpack(BATCH_RECORD, frames[1], "BATCH"))
 
 
 def error(kind: str, message: str, **details) -> list[bytes]:
@@ -380,60 +356,8 @@ def error(kind: str, message: str, **details) -> list[bytes]:
 
 
 def parse_error(frames: list) -> dict:
-    _expect_frames(frames, 2, "ERROR")
+    expect_frames(frames, 2, "ERROR")
     obj = decode_json(frames[1], "ERROR")
     json_field(obj, "kind", str, "ERROR")
     json_field(obj, "message", str, "ERROR")
     return obj
-
-
-# -- worker <-> broker --------------------------------------------------------
-
-def _unpack_records(fmt: struct.Struct, frames: list, what: str) -> list[tuple]:
-    _expect_frames(frames, 2, what)
-    buf = memoryview(frames[1])
-    count, rest = divmod(buf.nbytes, fmt.size)
-    if rest or not 1 <= count <= MAX_TASKS_PER_MESSAGE:
-        raise ProtocolError(f"{what}: expected 1 to {MAX_TASKS_PER_MESSAGE} records of {fmt.size} bytes, "
-                            f"got {buf.nbytes} bytes")
-    return list(fmt.iter_unpack(buf))
-
-
-def tasks(msgs: list[TaskMsg]) -> list[bytes]:
-    return [TASK, b"".join(_TASK.pack(m.slot, m.epoch, m.index) for m in msgs)]
-
-
-def parse_tasks(frames: list) -> list[TaskMsg]:
-    return [TaskMsg(*fields) for fields in _unpack_records(_TASK, frames, "TASK")]
-
-
-def worker_done(done: list[tuple[int, int]]) -> list[bytes]:
-    """W_DONE for ``done``: (slot, skipped) pairs."""
-    return [W_DONE, b"".join(_DONE.pack(slot, skipped) for slot, skipped in done)]
-
-
-def parse_worker_done(frames: list) -> list[tuple[int, int]]:
-    return _unpack_records(_DONE, frames, "W_DONE")
-
-
-def worker_error(slot: int, details: dict) -> list[bytes]:
-    return [W_ERROR, _SLOT.pack(slot), encode_json(details)]
-
-
-def parse_worker_error(frames: list) -> tuple[int, dict]:
-    _expect_frames(frames, 3, "W_ERROR")
-    slot = _unpack(_SLOT, frames[1], "W_ERROR")[0]
-    obj = decode_json(frames[2], "W_ERROR")
-    json_field(obj, "kind", str, "W_ERROR")
-    json_field(obj, "message", str, "W_ERROR")
-    return slot, obj
-
-
-def worker_hello(worker: int, pid: int) -> list[bytes]:
-    return [W_HELLO, encode_json({"worker": worker, "pid": pid})]
-
-
-def parse_worker_hello(frames: list) -> tuple[int, int]:
-    _expect_frames(frames, 2, "W_HELLO")
-    obj = decode_json(frames[1], "W_HELLO")
-    return json_field(obj, "worker", int, "W_HELLO"), json_field(obj, "pid", int, "W_HELLO")

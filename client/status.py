@@ -9,6 +9,7 @@ from .paths import check_endpoint, ipc_socket_path
 from .security import client_curve_options
 
 STATUS_TIMEOUT_S = 2.0
+STATUS_FRAME_SLACK_BYTES = 1024
 
 
 def query_status(endpoint: str, timeout_s: float = STATUS_TIMEOUT_S, curve_server_key: str | None = None,
@@ -23,6 +24,8 @@ def query_status(endpoint: str, timeout_s: float = STATUS_TIMEOUT_S, curve_serve
         return None  # no server made it: nothing can answer, however long we wait
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    # A reply is one JSON frame: a peer sending more is disconnected before we hold it.
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_JSON_BYTES + STATUS_FRAME_SLACK_BYTES)
     for option, value in client_curve_options(curve_server_key, curve_secret_key).items():
         sock.setsockopt(option, value)
     try:

@@ -27,19 +27,16 @@ import time
 
 
 def feed_from_env():
-    from client import Feed
-    from client.endpoints import expand_endpoints
+    from ringfeed import open_feed
 
     raw = os.environ.get("RINGFEED_ENDPOINT", "tcp://loader:5555").strip()
     if not raw:
         raise SystemExit("RINGFEED_ENDPOINT is empty; set it to e.g. tcp://loader:5555")
-    endpoints = expand_endpoints(raw)
     options = {"curve_server_key": os.environ.get("RINGFEED_CURVE_SERVER_KEY"),
                "curve_secret_key": os.environ.get("RINGFEED_CURVE_SECRET_KEY"),
                "transport": os.environ.get("RINGFEED_TRANSPORT")}
-    return Feed(endpoints[0] if len(endpoints) == 1 else endpoints,
-                timeout_s=float(os.environ.get("RINGFEED_TIMEOUT_S", 30)),
-                **{k: v for k, v in options.items() if v})
+    return open_feed(raw, timeout_s=float(os.environ.get("RINGFEED_TIMEOUT_S", 30)),
+                     **{k: v for k, v in options.items() if v})
 
 
 def digests(batch) -> list[str]:

@@ -26,7 +26,7 @@ import time
 
 
 def endpoints_from_env() -> str | list[str]:
-    from client.endpoints import expand_endpoints
+    from ringfeed.endpoints import expand_endpoints
 
     raw = os.environ.get("RINGFEED_ENDPOINT", "tcp://loader:5555").strip()
     if not raw:
@@ -79,7 +79,7 @@ def make_throughput_callback(feed):
 
 
 def main() -> int:
-    from client import Feed
+    from ringfeed import open_feed
 
     endpoint = endpoints_from_env()
     epochs = int(os.environ.get("EPOCHS", 2))
@@ -87,8 +87,8 @@ def main() -> int:
     options = {"curve_server_key": os.environ.get("RINGFEED_CURVE_SERVER_KEY"),
                "curve_secret_key": os.environ.get("RINGFEED_CURVE_SECRET_KEY"),
                "transport": os.environ.get("RINGFEED_TRANSPORT")}
-    feed = Feed(endpoint, timeout_s=float(os.environ.get("RINGFEED_TIMEOUT_S", 30)),
-                **{k: v for k, v in options.items() if v})
+    feed = open_feed(endpoint, timeout_s=float(os.environ.get("RINGFEED_TIMEOUT_S", 30)),
+                     **{k: v for k, v in options.items() if v})
     with feed:
         print(f"ringfeed at {endpoint}: {feed.spec}", flush=True)
         model = build_model(feed.spec, num_classes)

@@ -24,7 +24,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from client.security import load_keypair
+from ringfeed.security import load_keypair
 
 log = logging.getLogger("ringfeed.auth")
 

@@ -1,7 +1,9 @@
 """``ringfeed start/stop``: the server as a detached background process.
 
-``start`` launches ``ringfeed serve`` in a new session with its output in a
-log file, under ``python -P``: neither the server nor its workers
+``start`` writes the resolved ``Config`` to ``<runtime>/<name>.config.json``
+(every default filled in, paths absolute) and launches ``ringfeed serve
+--config`` on that file in a new session with its output in a log file, under
+``python -P``: neither the server nor its workers
 (multiprocessing passes ``-P`` on) import modules from the caller's current
 folder, where a ``secrets.py`` would otherwise shadow the standard library.
 It returns once the server has written its state file (which it does when
@@ -14,6 +16,7 @@ dead server left behind. Both are bounded and idempotent.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,9 +24,11 @@ import subprocess
 import sys
 import time
 
-from client.paths import ensure_runtime_dir, log_file, read_state_file, runtime_dir, service_names, state_file
+from ringfeed.paths import (config_file, ensure_runtime_dir, log_file, read_state_file, runtime_dir, service_names,
+                          state_file)
 
 from . import shm
+from .config import Config, ConfigError
 from .procs import pid_alive
 
 POLL_S = 0.2
@@ -90,17 +95,32 @@ def _start_failed(what: str, path, offset: int) -> BackgroundError:
     return BackgroundError(f"{what}{first}\nlog {path}, this start's lines:\n{body}")
 
 
-def start(serve_args: list[str], name: str, timeout_s: float) -> dict:
-    """Start ``ringfeed serve *serve_args`` detached; return its state once it is ready."""
+def _write_config(config: Config) -> str:
+    try:
+        text = json.dumps(config.to_json(), indent=1)
+    except (TypeError, ValueError) as exc:  # an augment parameter given from Python as, say, an array
+        raise ConfigError(f"the config cannot be handed to a background server as JSON: {exc}") from None
+    path = config_file(config.name)
+    path.unlink(missing_ok=True)  # a new file, owner-only, never through a planted link
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    return str(path)
+
+
+def start(config: Config, timeout_s: float) -> dict:
+    """Start ``ringfeed serve`` on ``config`` detached; return its state once it is ready."""
+    name = config.name
     running = read_state(name)
     if running:
         raise BackgroundError(f"a ringfeed server named {name!r} is already running "
                               f"(pid {running['pid']}, {running['endpoint']}); stop it first")
     ensure_runtime_dir()
+    config_path = _write_config(config)
     log_path = log_file(name)
     with open(log_path, "ab") as log:
         offset = os.fstat(log.fileno()).st_size
-        proc = subprocess.Popen([sys.executable, "-P", "-m", "loader_server.cli", "serve", *serve_args],
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "ringfeed.server.cli", "serve", "--config", config_path],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.monotonic() + timeout_s

@@ -20,7 +20,7 @@ from .ring import aligned_empty
 from .sampler import Sampler
 from .sources import SourceRef, open_ref
 
-REPLACEMENT_STREAM = 1 << 20  # far from any op's streams
+REPLACEMENT_DRAW = 1 << 20  # far from any op's draws
 MAX_REPLACEMENT_TRIES = 8
 
 
@@ -55,14 +55,14 @@ class BatchMaker:
         batch = self.config.batch_size if batch is None else batch
         return {name: aligned_empty((batch, *shape), dtype) for name, (shape, dtype) in self.pipeline.out_fields.items()}
 
-    def make(self, epoch: int, index: int, out: dict[str, np.ndarray], stream: bool = False) -> int:
+    def make(self, epoch: int, index: int, out: dict[str, np.ndarray], streaming: bool = False) -> int:
         """Write batch (epoch, index) into ``out`` (one array per field); return how many samples
-        were skipped. ``stream``: ``out`` is a ring slot, which nobody reads soon."""
+        were skipped. ``streaming``: ``out`` is a ring slot, which nobody reads soon."""
         idx = self.sampler.indices(epoch, index)
         keys = sample_keys(self.config.seed, epoch, index, self.config.batch_size)
         skipped = 0
         try:
-            self.pipeline.run(self.fields, idx, keys, out, stream)
+            self.pipeline.run(self.fields, idx, keys, out, streaming)
         except Exception as exc:
             bad = self._failing_sample(idx, keys)
             if bad is None:
@@ -74,7 +74,7 @@ class BatchMaker:
                 idx[bad.position] = self._replacement(idx, keys, bad)
                 skipped += 1
                 bad = self._failing_sample(idx, keys)
-            self.pipeline.run(self.fields, idx, keys, out, stream)
+            self.pipeline.run(self.fields, idx, keys, out, streaming)
         return skipped
 
     def _run_one(self, idx: np.ndarray, keys: np.ndarray, position: int) -> None:
@@ -93,7 +93,7 @@ class BatchMaker:
     def _replacement(self, idx, keys, bad: SampleError) -> int:
         n = self.samples
         for attempt in range(MAX_REPLACEMENT_TRIES):
-            u = uniform(keys[bad.position:bad.position + 1], REPLACEMENT_STREAM + attempt)[0]
+            u = uniform(keys[bad.position:bad.position + 1], REPLACEMENT_DRAW + attempt)[0]
             candidate = min(int(u * n), n - 1)
             trial = idx.copy()
             trial[bad.position] = candidate

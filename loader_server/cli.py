@@ -10,12 +10,12 @@ import os
 import sys
 from importlib import metadata
 
-from client.paths import check_endpoint, check_name, default_endpoint
-from client.status import STATUS_TIMEOUT_S, query_status
+from ringfeed.paths import check_endpoint, check_name, default_endpoint
+from ringfeed.status import STATUS_TIMEOUT_S, query_status
 
 from . import background, shm, status_view
 from .config import (AUTO_WORKERS, ON_ERROR_MODES, SAMPLING_MODES, Config, ConfigError, default_text, from_mapping,
-                     load_toml)
+                     load_config)
 
 def workers_flag(text: str) -> int | str:
     """``--workers``: a count, or ``auto``."""
@@ -35,8 +35,7 @@ SERVE_FLAGS = {option.metadata["flag"]: (option.name, FLAG_TYPES.get(option.name
                                                                      int if option.type.startswith("int") else str))
                for option in dataclasses.fields(Config) if option.metadata["flag"]}
 CHOICES = {"sampling": SAMPLING_MODES, "on_error": ON_ERROR_MODES}
-# flags naming files: made absolute before they reach a server, which resolves nothing against its cwd
-PATH_FLAGS = ("--config", "--data", "--curve-secret-key", "--curve-authorized-keys")
+PATH_OPTIONS = ("data", "curve_secret_key", "curve_authorized_keys")  # files a config names
 WATCH_INTERVAL_S = 1.0  # status --watch: seconds between refreshes
 
 
@@ -55,8 +54,9 @@ def config_help(field: str) -> str:
 
 
 def _add_serve_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="a TOML file; its keys mirror the flags (batch_size, "
-                        "...), and flags win over it (default: none, only flags)")
+    parser.add_argument("--config", metavar="FILE", help="a TOML file, whose keys mirror the flags (batch_size, "
+                        "...), or the .json resolved config that start writes; flags win over it (default: "
+                        "none, only flags)")
     for flag, (field, kind) in SERVE_FLAGS.items():
         parser.add_argument(flag, dest=field, type=kind, choices=CHOICES.get(field), help=config_help(field))
 
@@ -64,18 +64,16 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
 def _config_from(args: argparse.Namespace) -> Config:
     overrides = {field: getattr(args, field) for field, _ in SERVE_FLAGS.values()}
     if args.config:
-        return load_toml(args.config, **overrides)
+        return load_config(args.config, **overrides)
     return from_mapping({k: v for k, v in overrides.items() if v is not None})
 
 
-def _serve_argv(args: argparse.Namespace) -> list[str]:
-    flags = {"--config": args.config}
-    flags.update((flag, getattr(args, field)) for flag, (field, _) in SERVE_FLAGS.items())
-    argv = []
-    for flag, value in flags.items():
-        if value is not None:
-            argv += [flag, os.path.abspath(value) if flag in PATH_FLAGS else str(value)]
-    return argv
+def _absolute(config: Config) -> Config:
+    """``config`` with its files named from the root: a background server resolves nothing
+    against the caller's folder."""
+    paths = {field: os.path.abspath(getattr(config, field)) for field in PATH_OPTIONS
+             if getattr(config, field) is not None}
+    return dataclasses.replace(config, **paths)
 
 
 def _checked_name(args: argparse.Namespace) -> str:
@@ -106,8 +104,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_start(args) -> int:
-    config = _config_from(args)  # refuse bad flags here, before detaching
-    state = background.start(_serve_argv(args), config.name, config.start_timeout_s)
+    config = _absolute(_config_from(args))  # bad flags are refused here, before detaching
+    state = background.start(config, config.start_timeout_s)
     print(f"ringfeed {config.name!r} started: pid {state['pid']}, endpoint {state['endpoint']}, "
           f"log {state['log']}")
     return 0

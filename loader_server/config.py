@@ -7,14 +7,15 @@ names the option, the value and what was expected.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from client.paths import check_endpoint, check_name, default_endpoint
-from client.structure import DEFAULT_INPUTS, DEFAULT_TARGETS, Structure, StructureError
+from ringfeed.paths import check_endpoint, check_name, default_endpoint
+from ringfeed.structure import DEFAULT_INPUTS, DEFAULT_TARGETS, Structure, StructureError
 
 SAMPLING_MODES = ("shuffle", "replacement")
 # A client sends tens of KB/s at the most (ACKs, PINGs; its HELLO fits the guard's burst): below
@@ -23,6 +24,7 @@ MIN_INBOUND_BYTES_PER_S = 64 * 1024
 ON_ERROR_MODES = ("raise", "skip")
 IMAGE_CHANNELS = (1, 3)
 AUTO_WORKERS = "auto"
+MAX_CONFIG_FILE_BYTES = 1 << 20  # a config is a few KB; an augment list of thousands of ops still fits
 
 
 class ConfigError(ValueError):
@@ -145,35 +147,37 @@ class Config:
                          "(`0.0.0.0` to let other hosts scrape it, which the server warns about)")
 
     def __post_init__(self) -> None:
+        self._check_counts()
+        self._check_choices()
+        self._check_where()
+        self._normalize()
+
+    def _check_counts(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
         if self.workers != AUTO_WORKERS:
             if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
                 raise ConfigError(f"workers must be an integer >= 1, got {self.workers!r} "
                                   f"(or {AUTO_WORKERS!r}, to autotune how many are busy)")
-        _check_int("max_workers", self.max_workers, 1)
-        _check_int("seed", self.seed, 0)
-        _check_int("threads_per_worker", self.threads_per_worker, 1)
-        _check_int("max_worker_restarts", self.max_worker_restarts, 0)
-        _check_int("worker_nice", self.worker_nice, 0)
+        for name, minimum in (("max_workers", 1), ("seed", 0), ("threads_per_worker", 1),
+                              ("max_worker_restarts", 0), ("worker_nice", 0), ("max_clients", 1),
+                              ("max_inbound_bytes_per_s", MIN_INBOUND_BYTES_PER_S)):
+            _check_int(name, getattr(self, name), minimum)
         if self.worker_nice > 19:
             raise ConfigError(f"worker_nice must be at most 19 (the lowest priority), got {self.worker_nice!r}")
-        if self.max_connections is not None:
-            _check_int("max_connections", self.max_connections, 1)
-        _check_int("max_inbound_bytes_per_s", self.max_inbound_bytes_per_s, MIN_INBOUND_BYTES_PER_S)
-        _check_metrics_address(self.metrics_host, self.metrics_port)
-        _check_number("heartbeat_s", self.heartbeat_s, 0.0)
-        _check_number("task_timeout_s", self.task_timeout_s, 0.0)
-        _check_int("max_clients", self.max_clients, 1)
-        _check_number("start_timeout_s", self.start_timeout_s, 0.0)
+        for name in ("max_connections", "steps_per_epoch"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        for name in ("heartbeat_s", "task_timeout_s", "start_timeout_s"):
+            _check_number(name, getattr(self, name), 0.0)
         if self.slots is None:
             # A client's credit (tasks in flight included) is at most half the ring, and a feed's
             # default prefetch of 16 covers the batches made while finished work is reported and
-            # its credit comes back (with 8, two workers making 1.3 ms batches idled 20% of the
-            # time). The other half holds the batches trainers keep, and other feeds' credit.
+            # its credit comes back (with 8, two workers making short batches idled a fifth of
+            # the time). The other half holds the batches trainers keep, and other feeds' credit.
             object.__setattr__(self, "slots", max(32, 4 * self.worker_processes + 8))
         _check_int("slots", self.slots, 3)
-        if self.steps_per_epoch is not None:
-            _check_int("steps_per_epoch", self.steps_per_epoch, 1)
+
+    def _check_choices(self) -> None:
         if self.sampling not in SAMPLING_MODES:
             raise ConfigError(f"sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
         if self.on_error not in ON_ERROR_MODES:
@@ -181,6 +185,13 @@ class Config:
         for option in ("ordered", "jit", "private_data", "streaming_stores"):
             if not isinstance(getattr(self, option), bool):
                 raise ConfigError(f"{option} must be true or false, got {getattr(self, option)!r}")
+        if self.image_channels not in IMAGE_CHANNELS:
+            raise ConfigError(f"image_channels must be one of {IMAGE_CHANNELS} (grayscale or RGB), "
+                              f"got {self.image_channels!r}")
+
+    def _check_where(self) -> None:
+        """The name, the endpoint and the files the service uses."""
+        _check_metrics_address(self.metrics_host, self.metrics_port)
         try:
             check_name(self.name)
         except ValueError as exc:
@@ -200,11 +211,11 @@ class Config:
             path = getattr(self, option)
             if path is not None and not Path(path).exists():
                 raise ConfigError(f"{option} {path!r} does not exist (make keys with: ringfeed keys DIR)")
-        if self.image_channels not in IMAGE_CHANNELS:
-            raise ConfigError(f"image_channels must be one of {IMAGE_CHANNELS} (grayscale or RGB), "
-                              f"got {self.image_channels!r}")
+
+    def _normalize(self) -> None:
+        """TOML and JSON give lists; a frozen config holds tuples."""
         structure = self.structure
-        for role in ("inputs", "targets"):  # TOML gives lists; a frozen config holds tuples
+        for role in ("inputs", "targets"):
             if getattr(self, role) is not None:
                 object.__setattr__(self, role, getattr(structure, role))
         augment = tuple(self.augment)
@@ -231,6 +242,11 @@ class Config:
         """A copy with the given options replaced; ``None`` values are ignored."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def to_json(self) -> dict:
+        """Every option, resolved (endpoint, slots, worker counts): a server started from it
+        runs exactly this configuration, wherever it starts."""
+        return {option.name: getattr(self, option.name) for option in fields(self)}
+
 
 CONFIG_KEYS = frozenset(f.name for f in fields(Config))
 
@@ -240,6 +256,31 @@ def from_mapping(options: dict[str, Any]) -> Config:
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; known options are {sorted(CONFIG_KEYS)}")
     return Config(**options)
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> Config:
+    """A TOML file, or a ``.json`` resolved config (``Config.to_json``, what ``ringfeed start``
+    hands its server); ``overrides`` (flags) win over either."""
+    return (load_json if Path(path).suffix == ".json" else load_toml)(path, **overrides)
+
+
+def load_json(path: str | os.PathLike, **overrides: Any) -> Config:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_CONFIG_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    if len(text) > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(f"config file {str(path)!r} is over {MAX_CONFIG_FILE_BYTES} bytes")
+    try:
+        options = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"config file {str(path)!r} holds a JSON {type(options).__name__}, expected an object")
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    return from_mapping(options)
 
 
 def load_toml(path: str | os.PathLike, **overrides: Any) -> Config:

@@ -43,6 +43,7 @@ default cap well below it, leave room for everything else the server opens.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import resource
@@ -54,7 +55,7 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from client.protocol import MAX_JSON_BYTES
+from ringfeed.protocol import MAX_JSON_BYTES
 
 from .ratelimit import LogLimiter
 
@@ -301,3 +302,19 @@ class ConnectionGuard:
         self._apply_events()
         self._frontend.disable_monitor()
         self.monitor.close(0)
+
+
+def _loopback(endpoint: str) -> bool:
+    """A TCP endpoint that only this host can reach."""
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # an interface name or a wildcard
+        return False
+
+
+def cleartext_readers(endpoint: str) -> str:
+    """Who can read the batches a TCP endpoint without CURVE sends."""
+    return "any user or process on this host" if _loopback(endpoint) else "anyone who can reach this port"

@@ -13,11 +13,12 @@ import time
 
 import numpy as np
 
-from client import Feed
-from client.paths import ensure_runtime_dir
-from client.status import query_status
+from ringfeed import Feed
+from ringfeed.paths import ensure_runtime_dir
+from ringfeed.status import query_status
 
 from . import background
+from .config import load_toml
 
 NAME = "demo"
 SEED = 7
@@ -89,11 +90,9 @@ def run_demo(epochs: int = 8, workers: int | None = None, use_tf_dataset: bool =
     val_x, val_y = digits(folder)
     config = runtime / "demo.toml"
     config.write_text(DEMO_TOML)
-    argv = ["--config", str(config), "--data", str(folder), "--name", NAME]
-    if workers:
-        argv += ["--workers", str(workers)]
+    options = load_toml(config, data=str(folder), name=NAME, workers=workers)
     print(f"starting ringfeed on {len(val_x)} + {len(np.load(folder / 'labels.npy'))} digits ...")
-    state = background.start(argv, NAME, timeout_s=300)
+    state = background.start(options, timeout_s=300)
     print(f"ringfeed started: pid {state['pid']}, endpoint {state['endpoint']}")
     try:
         with Feed(state["endpoint"]) as feed:

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from client.layout import DTYPE_SIZES, FIELD_NAME
+from ringfeed.layout import DTYPE_SIZES, FIELD_NAME
 
 from .config import ConfigError
 from .images.listing import ImageList, is_image_folder, list_folder, read_list

@@ -62,7 +62,7 @@ import zlib
 
 import numpy as np
 
-from client.layout import DTYPE_SIZES, FIELD_NAME
+from ringfeed.layout import DTYPE_SIZES, FIELD_NAME
 
 from .images.records import RecordError, Records
 

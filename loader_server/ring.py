@@ -7,10 +7,10 @@ socket), which a client sends back in MODE to show that it maps the ring: only
 such a client may hold slots as descriptors. ``MAILBOXES`` client mailboxes
 follow (``client/mailbox.py``); the header ends on a page boundary. Inside a
 slot, every field of the batch starts on a 64-byte boundary: the layout is
-``client.layout.RingLayout``, which clients receive as JSON and check before
+``ringfeed.layout.RingLayout``, which clients receive as JSON and check before
 they map the same file and build the same views.
 
-Slot states belong to the broker alone::
+Slot states belong to the broker's scheduler alone (``scheduler.py``)::
 
     FREE -> FILLING(worker) -> READY -> LEASED(client) -> FREE
 """
@@ -22,9 +22,9 @@ import secrets
 
 import numpy as np
 
-from client.layout import ALIGN, PAGE, TOKEN_BYTES, RingLayout, round_up
-from client.mailbox import mailbox_bytes, open_mailbox
-from client.protocol import PROOF_BYTES, PROOF_OFFSET
+from ringfeed.layout import ALIGN, PAGE, TOKEN_BYTES, RingLayout, mailbox_bytes, round_up
+from ringfeed.mailbox import open_mailbox
+from ringfeed.protocol import PROOF_BYTES, PROOF_OFFSET
 
 from . import shm
 

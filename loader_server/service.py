@@ -1,9 +1,10 @@
 """Run a ringfeed server: foreground (``run_server``) or from Python (``Service``).
 
 Start-up: remove stale segments of dead servers, open and validate the data,
-build the pipeline and compute one batch in-process (so bad config and kernels
-that fail to compile are refused here, with a clear message, and the numba
-cache is warm for the workers), create the ring, start the workers, and bind
+build the pipeline, plan the ring from the shapes and dtypes its ops declare,
+compute one batch in-process (so bad config and kernels that fail to compile
+are refused here, with a clear message, and the numba cache is warm for the
+workers), create the ring, start the workers, and bind
 the client endpoint only once every worker has said hello. Then write the
 state file (pid, endpoint) that ``ringfeed status/stop`` read.
 
@@ -30,7 +31,6 @@ idempotent, and a server killed outright is cleaned up by the next start
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import multiprocessing as mp
@@ -45,13 +45,13 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from client.paths import ensure_runtime_dir, ipc_socket_path, state_file
-from client.protocol import MAX_JSON_BYTES
+from ringfeed.paths import ensure_runtime_dir, ipc_socket_path, state_file
+from ringfeed.protocol import MAX_JSON_BYTES
 
 from . import background, shm, sources
 from .broker import Broker
 from .config import Config, ConfigError
-from .connections import ConnectionGuard, default_max_connections, raise_fd_limit
+from .connections import ConnectionGuard, cleartext_readers, default_max_connections, raise_fd_limit
 from .pool import WorkerPool
 from .procs import die_with_parent
 from .ring import Ring, plan_layout
@@ -69,22 +69,6 @@ MAX_CLIENT_FRAME_BYTES = MAX_JSON_BYTES + 64 * 1024
 
 class ServiceFailed(RuntimeError):
     """The service ran, then could not go on (no workers left); ``serve`` exits non-zero."""
-
-
-def _loopback(endpoint: str) -> bool:
-    """A TCP endpoint that only this host can reach."""
-    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
-    if host in ("localhost", "lo"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # an interface name or a wildcard
-        return False
-
-
-def _cleartext_readers(endpoint: str) -> str:
-    """Who can read the batches a TCP endpoint without CURVE sends."""
-    return "any user or process on this host" if _loopback(endpoint) else "anyone who can reach this port"
 
 
 def _refuse_if_running(name: str) -> None:
@@ -147,9 +131,9 @@ def prepare_source(config: Config, token: str) -> tuple[Config, sources.SourceRe
     return config, sources.publish(fields, segment), [segment]
 
 
-def _first_batch(config: Config, maker: BatchMaker) -> None:
+def _check_pipeline(config: Config, maker: BatchMaker) -> None:
     """Make batch (epoch 0, index 0) here: refuses pipelines that fail, and warms the numba
-    cache for the workers."""
+    cache for the workers. The layout does not come from it: each op declares its output."""
     try:
         maker.make(0, 0, maker.empty_batch(), config.streaming_stores)
     except SampleError as exc:
@@ -160,8 +144,7 @@ def _first_batch(config: Config, maker: BatchMaker) -> None:
                           f"{type(exc).__name__}: {exc}") from exc
 
 
-def run_server(config: Config, source: sources.SourceRef | None = None, on_ready=None) -> None:
-    """Serve until SIGTERM/SIGINT. ``source`` overrides ``config.data`` (already published arrays)."""
+def _stop_on_signals() -> dict:
     stop = {"flag": False}
 
     def request_stop(signum, frame):
@@ -169,109 +152,139 @@ def run_server(config: Config, source: sources.SourceRef | None = None, on_ready
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    return stop
+
+
+def run_server(config: Config, source: sources.SourceRef | None = None, on_ready=None) -> None:
+    """Serve until SIGTERM/SIGINT. ``source`` overrides ``config.data`` (already published arrays)."""
+    stop = _stop_on_signals()
     fd_limit = raise_fd_limit()
     ensure_runtime_dir()
     _refuse_if_running(config.name)
     removed = shm.remove_stale()
     if removed:
         log.info("removed stale segments of dead servers: %s", removed)
-    token = secrets.token_hex(4)
-    owned: list[str] = []
-    made_files: dict[Path, shm.FileId] = {}  # the ipc socket and the state file, to unlink if still ours
-    ctx = zmq.Context.instance()
-    frontend = pool = ring = broker = authenticator = guard = None
-    exporter = None  # the Prometheus endpoint, with metrics_port
+    server = _Server(config, source, on_ready)
     try:
-        if source is None:
-            config, source, owned = prepare_source(config, token)
-        maker = BatchMaker(replace(config, private_data=False), source)  # workers make the copies
-        _first_batch(config, maker)
-        layout = plan_layout(shm.segment_name(os.getpid(), token, "ring"), config.slots,
-                             {name: ((config.batch_size, *shape), dtype)
-                              for name, (shape, dtype) in maker.pipeline.out_fields.items()})
-        ring = Ring(layout, create=True)
-        owned.append(layout.segment)
-        welcome = {
-            "layout": layout.to_json(), "structure": config.structure.to_json(),
+        server.start(fd_limit)
+        server.broker.run(lambda: server.should_stop(stop["flag"]))
+        log.info("stopping")
+        if server.broker.failure is not None:
+            raise ServiceFailed(server.broker.failure)
+    finally:
+        server.close()
+
+
+class _Server:
+    """One server's resources, made in start-up order; ``close`` releases them in the shutdown
+    protocol's order (steps 2-4), however far start-up got."""
+
+    def __init__(self, config: Config, source: sources.SourceRef | None, on_ready):
+        self.config, self.source, self.on_ready = config, source, on_ready
+        self.token = secrets.token_hex(4)
+        self.owned: list[str] = []  # segments to unlink
+        self.made_files: dict[Path, shm.FileId] = {}  # the ipc socket and the state file, to unlink if still ours
+        self.frontend = self.pool = self.ring = self.broker = self.authenticator = self.guard = None
+        self.exporter = None  # the Prometheus endpoint, with metrics_port
+        self.started = time.monotonic()
+
+    def start(self, fd_limit: int) -> None:
+        if self.source is None:
+            self.config, self.source, self.owned = prepare_source(self.config, self.token)
+        config = self.config
+        maker = BatchMaker(replace(config, private_data=False), self.source)  # workers make the copies
+        self.layout = plan_layout(shm.segment_name(os.getpid(), self.token, "ring"), config.slots,
+                                  {name: ((config.batch_size, *shape), dtype)
+                                   for name, (shape, dtype) in maker.pipeline.out_fields.items()})
+        _check_pipeline(config, maker)
+        self.ring = Ring(self.layout, create=True)
+        self.owned.append(self.layout.segment)
+        housekeeping = self._open_frontend(fd_limit)
+        spec = WorkerSpec(0, config, self.source, self.layout, os.getpid(), self.ring.file_id)
+        self.pool = WorkerPool(spec, config.worker_processes, config.max_worker_restarts)
+        self.broker = Broker(config, self.ring, self.pool, self.frontend, self._welcome(maker), self._ready,
+                             housekeeping=housekeeping, watched={self.guard.monitor: self.guard.handle})
+        if self.exporter is not None:
+            self.broker.status_extra["metrics_url"] = self.exporter.url
+
+    def _welcome(self, maker: BatchMaker) -> dict:
+        config = self.config
+        return {
+            "layout": self.layout.to_json(), "structure": config.structure.to_json(),
             "batch_size": config.batch_size, "steps_per_epoch": maker.sampler.steps_per_epoch,
             "samples": maker.samples, "heartbeat_s": config.heartbeat_s, "ordered": config.ordered,
             "server_pid": os.getpid(),
         }
-        frontend = ctx.socket(zmq.ROUTER)
+
+    def _open_frontend(self, fd_limit: int) -> list:
+        """The client socket (bound only once the workers are ready) and its guards; returns the
+        housekeeping they need every tick."""
+        config = self.config
+        self.frontend = frontend = zmq.Context.instance().socket(zmq.ROUTER)
         frontend.setsockopt(zmq.LINGER, 0)
         frontend.setsockopt(zmq.MAXMSGSIZE, MAX_CLIENT_FRAME_BYTES)
         frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        guard = ConnectionGuard(frontend, config.max_connections or default_max_connections(fd_limit),
-                                config.max_inbound_bytes_per_s)
-        housekeeping = [guard.report_refusals, guard.check_inbound]
+        self.guard = ConnectionGuard(frontend, config.max_connections or default_max_connections(fd_limit),
+                                     config.max_inbound_bytes_per_s)
+        housekeeping = [self.guard.report_refusals, self.guard.check_inbound]
         if config.curve_secret_key:
-            authenticator, keys = secure_frontend(ctx, frontend, config.curve_secret_key,
-                                                  config.curve_authorized_keys)
+            self.authenticator, keys = secure_frontend(zmq.Context.instance(), frontend, config.curve_secret_key,
+                                                       config.curve_authorized_keys)
             housekeeping.append(keys.refresh)
         if config.metrics_port is not None:
             from .prometheus import MetricsServer  # prometheus_client is imported only when asked for
 
-            exporter = MetricsServer(config.metrics_host, config.metrics_port)
-            housekeeping.append(lambda: exporter.refresh(broker.status))
-        spec = WorkerSpec(0, config, source, layout, os.getpid(), ring.file_id)
-        pool = WorkerPool(spec, config.worker_processes, config.max_worker_restarts)
-        started = time.monotonic()
+            self.exporter = MetricsServer(config.metrics_host, config.metrics_port)
+            housekeeping.append(lambda: self.exporter.refresh(self.broker.status))
+        return housekeeping
 
-        def ready():
-            _refuse_if_running(config.name)  # binding an ipc path takes it over from whoever has it
-            umask = os.umask(0o177)  # an ipc socket is born owner-only (0600), never briefly wider
-            try:
-                frontend.bind(config.endpoint)
-            finally:
-                os.umask(umask)
-            ipc = ipc_socket_path(config.endpoint)
-            if ipc is not None:
-                made_files[ipc] = _file_id(ipc)
-            if config.endpoint.startswith("tcp://") and not config.curve_secret_key:
-                log.warning("listening on %s without CURVE: %s can read the batches (see ringfeed keys)",
-                            config.endpoint, _cleartext_readers(config.endpoint))
-            path = state_file(config.name)
-            made_files[path] = _write_state(path, {"pid": os.getpid(), "endpoint": config.endpoint,
-                                                   "name": config.name})
-            log.info("ready: %d workers, %d slots of %.1f MiB, endpoint %s, at most %d connections "
-                     "(%.1f s)", config.worker_processes, layout.slots, layout.slot_bytes / 2**20, config.endpoint,
-                     guard.max_connections, time.monotonic() - started)
-            if on_ready is not None:
-                on_ready(config.endpoint)
+    def _ready(self) -> None:
+        """Every worker said hello: bind the endpoint, write the state file, tell the caller."""
+        config = self.config
+        _refuse_if_running(config.name)  # binding an ipc path takes it over from whoever has it
+        umask = os.umask(0o177)  # an ipc socket is born owner-only (0600), never briefly wider
+        try:
+            self.frontend.bind(config.endpoint)
+        finally:
+            os.umask(umask)
+        ipc = ipc_socket_path(config.endpoint)
+        if ipc is not None:
+            self.made_files[ipc] = _file_id(ipc)
+        if config.endpoint.startswith("tcp://") and not config.curve_secret_key:
+            log.warning("listening on %s without CURVE: %s can read the batches (see ringfeed keys)",
+                        config.endpoint, cleartext_readers(config.endpoint))
+        path = state_file(config.name)
+        self.made_files[path] = _write_state(path, {"pid": os.getpid(), "endpoint": config.endpoint,
+                                                    "name": config.name})
+        log.info("ready: %d workers, %d slots of %.1f MiB, endpoint %s, at most %d connections (%.1f s)",
+                 config.worker_processes, self.layout.slots, self.layout.slot_bytes / 2**20, config.endpoint,
+                 self.guard.max_connections, time.monotonic() - self.started)
+        if self.on_ready is not None:
+            self.on_ready(config.endpoint)
 
-        broker = Broker(config, ring, pool, frontend, welcome, ready, housekeeping=housekeeping,
-                        watched={guard.monitor: guard.handle})
-        if exporter is not None:
-            broker.status_extra["metrics_url"] = exporter.url
+    def should_stop(self, stop_requested: bool) -> bool:
+        if not self.broker.is_ready and time.monotonic() - self.started > self.config.start_timeout_s:
+            raise TimeoutError(f"workers were not ready within start_timeout_s={self.config.start_timeout_s}")
+        return stop_requested
 
-        def should_stop():
-            if not broker.is_ready and time.monotonic() - started > config.start_timeout_s:
-                raise TimeoutError(f"workers were not ready within start_timeout_s={config.start_timeout_s}")
-            return stop["flag"]
-
-        broker.run(should_stop)
-        log.info("stopping")
-        if broker.failure is not None:
-            raise ServiceFailed(broker.failure)
-    finally:
-        if broker is not None:
-            broker.stop_workers()
-        if pool is not None:
-            pool.stop()
-        if guard is not None:
-            guard.close()
-        if exporter is not None:
-            exporter.close()
-        if frontend is not None:
-            frontend.close(0)
-        if authenticator is not None:
-            authenticator.stop()
-        for segment in owned:
+    def close(self) -> None:
+        if self.broker is not None:
+            self.broker.stop_workers()
+        if self.pool is not None:
+            self.pool.stop()
+        for closable in (self.guard, self.exporter):
+            if closable is not None:
+                closable.close()
+        if self.frontend is not None:
+            self.frontend.close(0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
+        for segment in self.owned:
             shm.unlink(segment)
-        if ring is not None:
-            ring.close()
-        for path, file_id in made_files.items():
-            if path != state_file(config.name) or _names_us(path):  # rewritten in place, it keeps its inode
+        if self.ring is not None:
+            self.ring.close()
+        for path, file_id in self.made_files.items():
+            if path != state_file(self.config.name) or _names_us(path):  # rewritten in place, it keeps its inode
                 _unlink_if_ours(path, file_id)
 
 

@@ -13,7 +13,7 @@ not a regular file of ours with the recorded ``FileId``: a namesake put in its
 place is never mapped.
 
 Names are ``ringfeed-<pid namespace inode>-<owner pid>-<token>-<kind>``
-(``client.paths.SEGMENT_NAME``). ``remove_stale`` unlinks a segment only when
+(``ringfeed.paths.SEGMENT_NAME``). ``remove_stale`` unlinks a segment only when
 all of these hold: its name follows that pattern, its namespace is ours (pids
 compare only within one namespace), it is a regular file (not a link) owned by
 our uid, and its owner pid is not alive.
@@ -27,7 +27,7 @@ import os
 import stat
 from typing import NamedTuple
 
-from client.paths import SEGMENT_NAME, SHM_DIR, SHM_PREFIX, pid_namespace_id
+from ringfeed.paths import SEGMENT_NAME, SHM_DIR, SHM_PREFIX, pid_namespace_id
 
 from .config import ConfigError
 from .procs import pid_alive

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client.layout import DTYPE_SIZES, FIELD_NAME
-from client.structure import Structure, StructureError
+from ringfeed.layout import DTYPE_SIZES, FIELD_NAME
+from ringfeed.structure import Structure, StructureError
 
 from . import shm
 from .config import Config, ConfigError

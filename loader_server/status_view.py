@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from client.layout import DTYPE_SIZES
+from ringfeed.layout import DTYPE_SIZES
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen: each refresh draws in place
 MIN_INTERVAL_S = 0.1

@@ -35,9 +35,9 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 
-from client import protocol
-from client.layout import RingLayout
+from ringfeed.layout import RingLayout
 
+from . import worker_protocol
 from .batches import BatchMaker, SampleError
 from .channel import Channel, ChannelError
 from .config import Config
@@ -74,7 +74,7 @@ def worker_main(spec: WorkerSpec, link: socket.socket) -> None:
 
     channel = Channel(link)
     try:
-        channel.send(protocol.worker_hello(spec.worker_id, os.getpid()))
+        channel.send(worker_protocol.worker_hello(spec.worker_id, os.getpid()))
         _serve(channel, maker, ring, spec.parent_pid)
     except ChannelError as exc:  # the broker is gone, or stopped reading for SEND_TIMEOUT_S
         print(f"ringfeed worker {spec.worker_id} (pid {os.getpid()}): {exc}", file=sys.stderr)
@@ -89,7 +89,7 @@ def _serve(channel: Channel, maker: BatchMaker, ring: Ring, parent_pid: int) -> 
     tasks still queued."""
     waiter = select.poll()
     waiter.register(channel.fileno(), select.POLLIN)
-    tasks: deque[protocol.TaskMsg] = deque()
+    tasks: deque[worker_protocol.TaskMsg] = deque()
     done: list[tuple[int, int]] = []
     first_start = 0.0
     while True:
@@ -107,7 +107,7 @@ def _serve(channel: Channel, maker: BatchMaker, ring: Ring, parent_pid: int) -> 
             skipped = maker.make(task.epoch, task.index, ring.arrays[task.slot], maker.config.streaming_stores)
         except Exception as exc:  # travels to the client as data
             _report(channel, done)
-            channel.send(protocol.worker_error(task.slot, _error_details(exc, task)))
+            channel.send(worker_protocol.worker_error(task.slot, _error_details(exc, task)))
             continue
         first_start = first_start if done else started
         done.append((task.slot, skipped))
@@ -119,20 +119,20 @@ def _take_tasks(channel: Channel, tasks: deque) -> bool:
     """Queue every TASK that has arrived; False once STOP has."""
     for frames in channel.receive():
         command = frames[0] if frames else b""
-        if command == protocol.STOP:
+        if command == worker_protocol.STOP:
             return False
-        if command == protocol.TASK:  # only the broker holds the other end; ignore what we don't know
-            tasks.extend(protocol.parse_tasks(frames))
+        if command == worker_protocol.TASK:  # only the broker holds the other end; ignore what we don't know
+            tasks.extend(worker_protocol.parse_tasks(frames))
     return not channel.closed
 
 
 def _report(channel: Channel, done: list) -> None:
     if done:
-        channel.send(protocol.worker_done(done))
+        channel.send(worker_protocol.worker_done(done))
         done.clear()
 
 
-def _error_details(exc: Exception, task: protocol.TaskMsg) -> dict:
+def _error_details(exc: Exception, task: worker_protocol.TaskMsg) -> dict:
     details = {"epoch": task.epoch, "index": task.index, "worker_pid": os.getpid()}
     if isinstance(exc, SampleError):
         return {**details, "kind": type(exc.cause).__name__, "message": str(exc.cause),

@@ -55,8 +55,8 @@ def take(feed, n):
 
 def expected_batches(config, images, labels, n):
     """The first ``n`` batches a server with ``config`` must deliver, recomputed in this process."""
-    from loader_server.batches import BatchMaker
-    from loader_server.sources import publish
+    from ringfeed.server.batches import BatchMaker
+    from ringfeed.server.sources import publish
 
     segment = f"ringfeed-{os.getpid()}-{uuid.uuid4().hex[:8]}-data"
     try:
@@ -76,7 +76,7 @@ def leased_slots(endpoint: str, at_most: int, seconds: float = 5.0) -> int:
     (slots come back with a feed's next ACK, a moment after the arrays die)."""
     import time
 
-    from client.status import query_status
+    from ringfeed.status import query_status
 
     deadline = time.monotonic() + seconds
     while (held := query_status(endpoint)["slots"]["leased"]) > at_most and time.monotonic() < deadline:
@@ -86,7 +86,7 @@ def leased_slots(endpoint: str, at_most: int, seconds: float = 5.0) -> int:
 
 def spy_kernels(monkeypatch, *names: str) -> list[str]:
     """The names of the kernels ``names``, in the order they are called from now on (they still run)."""
-    from loader_server.augment import kernels
+    from ringfeed.server.augment import kernels
 
     calls: list[str] = []
     for name in names:
@@ -100,6 +100,6 @@ def ringfeed_segments() -> set[str]:
 
 def segments_of(pid: int) -> set[str]:
     """The ringfeed segments that name ``pid`` as their owner."""
-    from client.paths import SEGMENT_NAME
+    from ringfeed.paths import SEGMENT_NAME
 
     return {s for s in ringfeed_segments() if (m := SEGMENT_NAME.match(s)) and int(m.group(2)) == pid}

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from client import Feed
-from client.status import query_status
-from loader_server import Config, Service
+from ringfeed import Feed
+from ringfeed.status import query_status
+from ringfeed.server import Config, Service
 
 SAMPLES, BATCH, SLOTS = 64, 4, 8
 INTERRUPT_WAIT_S = 5.0  # the KeyboardInterrupt comes at once; this only bounds the wait for it

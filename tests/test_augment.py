@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from conftest import id_images, rgb_images, spy_kernels
 
-from loader_server.augment import Pipeline, kernels
-from loader_server.augment.jit import python_version
-from loader_server.augment.rng import sample_keys, uniform
-from loader_server.augment.streaming import rows_aligned, stream_span
-from loader_server.config import ConfigError
-from loader_server.ring import aligned_empty
+from ringfeed.server.augment import Pipeline, kernels
+from ringfeed.server.augment.jit import python_version
+from ringfeed.server.augment.rng import sample_keys, uniform
+from ringfeed.server.augment.streaming import rows_aligned, stream_span
+from ringfeed.server.config import ConfigError
+from ringfeed.server.ring import aligned_empty
 
 B = 6
 
@@ -149,12 +149,12 @@ def test_pipeline_streams_only_into_aligned_rows_when_the_gather_is_the_last_pas
              (crop, 16, True, "gather_convert"),
              (crop + [{"op": "brightness", "max_delta": 0.1}], 0, True, "gather_convert")]
     outs = []
-    for specs, offset, stream, chosen in cases:
+    for specs, offset, streaming, chosen in cases:
         pipe = Pipeline(specs, images.shape[1:], images.dtype)
         out = _slot_like((B, *pipe.out_shape), offset)
         calls.clear()
-        pipe.run(images, np.arange(B), sample_keys(5, 0, 0, B), out, stream=stream)
-        assert calls == [chosen], (specs, offset, stream)
+        pipe.run(images, np.arange(B), sample_keys(5, 0, 0, B), out, streaming=streaming)
+        assert calls == [chosen], (specs, offset, streaming)
         outs.append(out.copy())
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])

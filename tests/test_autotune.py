@@ -8,12 +8,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from client import Feed
-from client.status import query_status
+from ringfeed import Feed
+from ringfeed.status import query_status
 from conftest import expected_batches, rgb_images, take
-from loader_server import Config, ConfigError, Service
-from loader_server.autotune import DROP_BUSY, DROP_WINDOWS, WINDOW_S, AutoWorkers, Observation, WorkerTuner
-from loader_server.metrics import Metrics
+from ringfeed.server import Config, ConfigError, Service
+from ringfeed.server.autotune import DROP_BUSY, DROP_WINDOWS, WINDOW_S, AutoWorkers, Observation, WorkerTuner
+from ringfeed.server.metrics import Metrics
 
 TICK_S = 0.125  # exact in binary: windows of the fake clock end on a tick
 
@@ -197,13 +197,13 @@ def test_auto_service_stream_is_byte_identical_and_adds_workers(name):
 
 
 def test_cli_flags_workers_auto_and_max_workers(capsys):
-    from loader_server import cli
+    from ringfeed.server import cli
 
     args = cli.build_parser().parse_args(["start", "--workers", "auto", "--max-workers", "3"])
     config = cli._config_from(args)
     assert config.workers == "auto" and config.worker_processes == 3
-    argv = cli._serve_argv(args)  # what the detached server is started with
-    assert argv[argv.index("--workers") + 1] == "auto" and argv[argv.index("--max-workers") + 1] == "3"
+    resolved = config.to_json()  # what the detached server is started with
+    assert resolved["workers"] == "auto" and resolved["max_workers"] == 3
     with pytest.raises(SystemExit) as exit_:
         cli.build_parser().parse_args(["start", "--workers", "some"])
     assert exit_.value.code == 2

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from loader_server.channel import MAX_RECORD_BYTES, SEND_TIMEOUT_S, Channel, ChannelError, pack, pair
+from ringfeed.server.channel import MAX_RECORD_BYTES, SEND_TIMEOUT_S, Channel, ChannelError, pack, pair
 
 
 def test_messages_arrive_whole_and_in_order_however_the_bytes_are_split():

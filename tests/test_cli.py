@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from conftest import free_port, segments_of
 
-from client import Feed
-from client.status import query_status
-from loader_server import background, shm
-from loader_server.cli import build_parser
-from loader_server.config import ON_ERROR_MODES, SAMPLING_MODES, Config, ConfigError
-from loader_server.sampler import Sampler
+from ringfeed import Feed, paths
+from ringfeed.status import query_status
+from ringfeed.server import background, shm
+from ringfeed.server.cli import build_parser
+from ringfeed.server.config import ON_ERROR_MODES, SAMPLING_MODES, Config, ConfigError, load_config, load_toml
+from ringfeed.server.sampler import Sampler
 
-RINGFEED = [sys.executable, "-m", "loader_server.cli"]
+RINGFEED = [sys.executable, "-m", "ringfeed.server.cli"]
 
 
 def ringfeed(*args, timeout=120):
@@ -62,6 +62,42 @@ def test_start_status_stop(tmp_path, name):
     assert "not running" in ringfeed("stop", "--name", name).stdout  # idempotent
     after = ringfeed("status", "--name", name, "--json")
     assert after.returncode == 1 and json.loads(after.stdout)["running"] is False
+
+
+def test_start_hands_its_server_the_resolved_config_as_a_file(tmp_path, name):
+    """Relative paths, defaults and flags are resolved once, in ``start``; the server reads that
+    file (``serve --config X.config.json``), so what runs is what was validated."""
+    _data(tmp_path)
+    toml = tmp_path / "ringfeed.toml"
+    toml.write_text('batch_size = 4\nworkers = 1\n\n[[augment]]\nop = "flip_lr"\n')
+    started = subprocess.run([*RINGFEED, "start", "--config", "ringfeed.toml", "--data", ".", "--batch-size",
+                              "8", "--name", name], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert started.returncode == 0, started.stderr
+    try:
+        path = paths.config_file(name)
+        assert path.stat().st_mode & 0o777 == 0o600
+        resolved = json.loads(path.read_text())
+        assert resolved["data"] == str(tmp_path) and resolved["batch_size"] == 8 and resolved["workers"] == 1
+        assert resolved["endpoint"] == paths.default_endpoint(name) and resolved["slots"] == 32
+        assert resolved["augment"] == [{"op": "flip_lr"}]
+        assert load_config(path) == dataclasses.replace(load_toml(toml, batch_size=8, name=name), data=str(tmp_path))
+        pid = background.read_state(name)["pid"]
+        assert f"serve --config {path}" in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    finally:
+        assert ringfeed("stop", "--name", name).returncode == 0
+
+
+def test_a_resolved_config_file_that_is_not_an_object_is_refused(tmp_path):
+    bad = tmp_path / "x.config.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="holds a JSON list, expected an object"):
+        load_config(bad)
+    bad.write_text('{"batch_size": 0}')
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(bad)
+    bad.write_text("{")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        load_config(bad)
 
 
 def test_start_refuses_bad_config_with_the_value(tmp_path, name):

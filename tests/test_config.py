@@ -1,6 +1,6 @@
 import pytest
 
-from loader_server.config import Config, ConfigError, from_mapping, load_toml
+from ringfeed.server.config import Config, ConfigError, from_mapping, load_toml
 
 
 @pytest.mark.parametrize("options, fragment", [
@@ -31,7 +31,7 @@ def test_unknown_option_is_refused():
 
 
 def test_defaults_resolve_endpoint_and_slots():
-    from client.feed import DEFAULT_PREFETCH
+    from ringfeed.feed import DEFAULT_PREFETCH
 
     config = Config(workers=4, name="abc")
     assert config.endpoint.startswith("ipc://") and config.endpoint.endswith("abc.sock")
@@ -62,7 +62,7 @@ def test_every_option_is_documented_and_the_readme_table_is_the_generated_one():
     from dataclasses import fields
     from pathlib import Path
 
-    from loader_server.config import reference_table
+    from ringfeed.server.config import reference_table
 
     for option in fields(Config):
         assert option.metadata["doc"], f"{option.name} has no doc in its metadata"
@@ -72,4 +72,4 @@ def test_every_option_is_documented_and_the_readme_table_is_the_generated_one():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     start, end = readme.index("<!-- config:start -->\n"), readme.index("<!-- config:end -->")
     assert readme[start + len("<!-- config:start -->\n"):end] == table, \
-        "README's configuration table differs from loader_server.config.reference_table(): paste it in again"
+        "README's configuration table differs from ringfeed.server.config.reference_table(): paste it in again"

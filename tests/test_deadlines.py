@@ -2,8 +2,8 @@
 
 import logging
 
-from loader_server.deadlines import TASK_TIMEOUT_FACTOR, ProgressClock
-from loader_server.ratelimit import LogLimiter
+from ringfeed.server.deadlines import TASK_TIMEOUT_FACTOR, ProgressClock
+from ringfeed.server.ratelimit import LogLimiter
 
 
 def test_an_idle_worker_is_never_overdue_and_a_busy_one_is_past_the_floor():

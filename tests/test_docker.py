@@ -98,9 +98,9 @@ def mounts(service: dict) -> dict[str, dict]:
 
 def ring_bytes(batch_size: int, workers: int) -> int:
     """The ring `ringfeed serve --config docker/ringfeed.toml` plans for make_data.py's data."""
-    from loader_server.augment import Pipeline
-    from loader_server.config import load_toml
-    from loader_server.ring import plan_layout
+    from ringfeed.server.augment import Pipeline
+    from ringfeed.server.config import load_toml
+    from ringfeed.server.ring import plan_layout
 
     config = load_toml(TOML, batch_size=batch_size, workers=workers)
     pipeline = Pipeline(config.augment, (64, 64, 3), np.dtype(np.uint8), False)
@@ -178,7 +178,7 @@ def test_compose_zero_copy_profile_shares_the_loaders_ipc_namespace(compose_bin,
 
 
 def test_compose_curve_override_uses_the_files_ringfeed_keys_writes(compose_bin, tmp_path):
-    from loader_server.auth import generate_keys
+    from ringfeed.server.auth import generate_keys
 
     services = render(compose_bin, tmp_path, files=(COMPOSE, COMPOSE_CURVE))["services"]
     loader, trainer, keys = services["loader"], services["trainer"], services["keys"]
@@ -287,7 +287,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def test_make_data_writes_a_dataset_ringfeed_serves(dataset):
-    from loader_server.sources import load_path, validate
+    from ringfeed.server.sources import load_path, validate
 
     features, labels = np.load(dataset / "features.npy"), np.load(dataset / "labels.npy")
     assert features.dtype == np.uint8 and features.shape == (640, 64, 64, 3)
@@ -303,8 +303,8 @@ def test_make_data_writes_a_dataset_ringfeed_serves(dataset):
 
 
 def test_example_toml_is_a_valid_config(dataset):
-    from loader_server.augment import Pipeline
-    from loader_server.config import load_toml
+    from ringfeed.server.augment import Pipeline
+    from ringfeed.server.config import load_toml
 
     config = load_toml(TOML, data=str(dataset))
     assert config.batch_size == 256 and config.workers == 2 and config.sampling == "shuffle"
@@ -331,7 +331,7 @@ def test_train_reads_one_or_several_endpoints(monkeypatch):
 
 def _healthy(endpoint: str) -> bool:
     """The image's HEALTHCHECK: ``ringfeed status --endpoint $RINGFEED_ENDPOINT``."""
-    return subprocess.run([sys.executable, "-m", "loader_server.cli", "status", "--endpoint", endpoint,
+    return subprocess.run([sys.executable, "-m", "ringfeed.server.cli", "status", "--endpoint", endpoint,
                            "--timeout-s", "1"], capture_output=True, timeout=30).returncode == 0
 
 
@@ -347,7 +347,7 @@ def test_compose_commands_end_to_end_without_docker(dataset, name, tmp_path):
         for i, endpoint in enumerate(endpoints):
             logs.append(open(tmp_path / f"loader-{i}.log", "wb"))
             servers.append(subprocess.Popen(
-                [sys.executable, "-m", "loader_server.cli", "serve", "--config", str(TOML),
+                [sys.executable, "-m", "ringfeed.server.cli", "serve", "--config", str(TOML),
                  "--data", str(dataset), "--batch-size", "64", "--workers", "1",
                  "--endpoint", endpoint, "--name", f"{name}-{i}"],
                 stdout=subprocess.DEVNULL, stderr=logs[-1]))

@@ -7,7 +7,7 @@ fills the data volume; the loader serves it once healthy; a consumer
 container runs docker/check_stream.py in place of the trainer's TensorFlow
 script (same service, same wiring; only the image and command differ) and
 prints each batch's sha256. Every batch is compared with the one this process
-computes from the same data, seed and config. Also: the README's one-host
+computes from the same data, seed and config. Also: docker/README.md's one-host
 ``docker run`` read from the host, the zero-copy profile, three replicas
 fanned in (one stopped and restarted mid-epoch), the CURVE overlay, a killed
 loader, and what ``down`` leaves.
@@ -161,8 +161,8 @@ class Reference:
     server's own batch maker from the same data and config, as far as a test reads."""
 
     def __init__(self, config, data: Path, features: np.ndarray, labels: np.ndarray):
-        from loader_server.batches import BatchMaker
-        from loader_server.sources import publish
+        from ringfeed.server.batches import BatchMaker
+        from ringfeed.server.sources import publish
 
         self.segment = f"ringfeed-{os.getpid()}-{uuid.uuid4().hex[:8]}-data"
         self.maker = BatchMaker(config, publish({"features": features, "labels": labels}, self.segment))
@@ -182,7 +182,7 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def reference(compose, tmp_path_factory) -> Reference:
-    from loader_server.config import load_toml
+    from ringfeed.server.config import load_toml
 
     compose("up", "--no-build", "--pull", "never", "make-data")
     data = tmp_path_factory.mktemp("data")
@@ -249,9 +249,9 @@ def test_zero_copy_profile_maps_the_loaders_ring(compose, reference):
 
 
 def test_one_host_docker_run_serves_a_trainer_outside_the_container(compose, reference):
-    """docker/README.md "One host" (and README.md's Deployment): the image's own command and health check,
+    """docker/README.md "One host": the image's own command and health check,
     a published port, a host folder."""
-    from client import Feed
+    from ringfeed import Feed
 
     port, name = free_port(), f"{compose.project}-one-host"
     docker("run", "-d", "--name", name, "--init", "--shm-size", "256m", "-p", f"127.0.0.1:{port}:5555",
@@ -266,7 +266,7 @@ def test_one_host_docker_run_serves_a_trainer_outside_the_container(compose, ref
                 docker("logs", name).stderr
             assert time.monotonic() < deadline, f"not healthy after {UP_TIMEOUT_S} s"
             time.sleep(1)
-        status = subprocess.run([sys.executable, "-m", "loader_server.cli", "status", "--endpoint",
+        status = subprocess.run([sys.executable, "-m", "ringfeed.server.cli", "status", "--endpoint",
                                  f"tcp://127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stderr
         with Feed(f"tcp://127.0.0.1:{port}", timeout_s=30) as feed:

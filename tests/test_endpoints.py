@@ -1,4 +1,4 @@
-"""Endpoint lists and patterns (client/endpoints.py), and Feed taking them."""
+"""Endpoint lists and patterns (client/endpoints.py), open_feed taking them, and Feed refusing several."""
 
 import os
 
@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from conftest import expected_batches, rgb_images, take
 
-from client import Feed
-from client.endpoints import MAX_ENDPOINTS, expand_endpoints
-from client.fanin import FanInFeed
-from loader_server import Config, Service
+from ringfeed import FanInFeed, Feed, open_feed
+from ringfeed.endpoints import MAX_ENDPOINTS, expand_endpoints
+from ringfeed.server import Config, Service
 
 
 def test_a_range_expands_in_order_as_a_statefulset_names_its_pods():
@@ -54,20 +53,42 @@ def test_not_a_string_is_a_type_error():
         expand_endpoints(5555)
 
 
-def test_feed_fans_in_from_a_pattern_and_resolves_a_one_endpoint_pattern(name):
+@pytest.mark.parametrize("endpoints, error", [
+    (["tcp://a:5555", "tcp://b:5555"], TypeError),
+    (("tcp://a:5555",), TypeError),
+    ("tcp://a:5555,tcp://b:5555", ValueError),
+    ("tcp://ringfeed-loader-{0..2}.ringfeed-loader:5555", ValueError),
+])
+def test_a_feed_takes_one_endpoint_and_names_the_fan_in_for_several(endpoints, error):
+    with pytest.raises(error, match=r"Feed takes one endpoint.*FanInFeed\(endpoints, \.\.\.\) or ringfeed\.open_feed"):
+        Feed(endpoints)
+
+
+def test_a_fan_in_takes_a_list_and_names_open_feed_for_a_pattern():
+    with pytest.raises(ValueError, match=r"non-empty list of strings.*ringfeed\.open_feed takes"):
+        FanInFeed("tcp://a:5555,tcp://b:5555")
+    with pytest.raises(ValueError, match="non-empty list of strings"):
+        FanInFeed([])
+
+
+def test_open_feed_fans_in_from_a_pattern_and_resolves_a_one_endpoint_pattern(name):
     images, labels = rgb_images(192, 12), np.arange(192)
     folder = os.environ["RINGFEED_RUNTIME_DIR"]
     services = [Service(Config(batch_size=16, workers=1, name=f"{name}{k}", seed=5,
                                endpoint=f"ipc://{folder}/{name}-{k}.sock"), features=images, labels=labels).start()
                 for k in range(2)]
     try:
-        with Feed(f"ipc://{folder}/{name}-{{0..1}}.sock", timeout_s=10) as feed:
+        with open_feed(f"ipc://{folder}/{name}-{{0..1}}.sock", timeout_s=10) as feed:
             assert isinstance(feed, FanInFeed)
             assert feed.endpoints == [s.endpoint for s in services]
             got = take(feed, 12)
-        with Feed(f"ipc://{folder}/{name}-{{1..1}}.sock", timeout_s=10) as single:
-            assert not isinstance(single, FanInFeed) and single.endpoint == services[1].endpoint
+        with open_feed(f"ipc://{folder}/{name}-{{1..1}}.sock", timeout_s=10) as single:
+            assert isinstance(single, Feed) and single.endpoint == services[1].endpoint
             assert take(single, 1)[0][1].tobytes() == got[0][1].tobytes()
+        with Feed(f"ipc://{folder}/{name}-{{1..1}}.sock", timeout_s=10) as single:  # one endpoint
+            assert single.endpoint == services[1].endpoint
+        with open_feed([services[1].endpoint], timeout_s=10) as listed:  # a list is a fan-in, of one here
+            assert isinstance(listed, FanInFeed) and listed.endpoints == [services[1].endpoint]
     finally:
         for svc in services:
             svc.stop()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import rgb_images
 
-from client import Feed, RemoteWorkerError
-from client.status import query_status
-from loader_server import Config, ConfigError, Service
+from ringfeed import FanInFeed, Feed, RemoteWorkerError
+from ringfeed.status import query_status
+from ringfeed.server import Config, ConfigError, Service
 
 PILLOW_ROTATE = [{"op": "python", "fn": "python_ops:rotate", "kwargs": {"max_degrees": 40.0}}]
 
@@ -197,7 +197,7 @@ def test_fan_in_and_resume_give_the_one_server_stream_for_every_field(name):
             Service(config.with_overrides(name=f"{name}b"), fields=data) as b:
         with Feed(a.endpoint, start=(1, 3)) as one:
             expected = [_flat(one.next_batch(copy=True)) for _ in range(10)]
-        with Feed([a.endpoint, b.endpoint], start=(1, 3), transport="frames") as both:
+        with FanInFeed([a.endpoint, b.endpoint], start=(1, 3), transport="frames") as both:
             assert [_flat(both.next_batch()) for _ in range(10)] == expected
 
 

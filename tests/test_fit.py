@@ -12,7 +12,7 @@ pytest.importorskip("sklearn")
 
 
 def test_demo_command_trains_through_the_generator():
-    out = subprocess.run([sys.executable, "-m", "loader_server.cli", "demo", "--epochs", "8"],
+    out = subprocess.run([sys.executable, "-m", "ringfeed.server.cli", "demo", "--epochs", "8"],
                          capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     accuracy = float(re.search(r"validation accuracy\s+([\d.]+)", out.stdout).group(1))
@@ -22,7 +22,7 @@ def test_demo_command_trains_through_the_generator():
 
 
 def test_model_fit_through_as_tf_dataset():
-    from loader_server.demo import run_demo
+    from ringfeed.server.demo import run_demo
 
     result = run_demo(epochs=8, use_tf_dataset=True)
     assert result["val_accuracy"] >= 0.9
@@ -36,8 +36,8 @@ def test_fits_one_after_another_on_one_feed_do_not_pin_ring_slots(name):
     import numpy as np
     from conftest import leased_slots, rgb_images
 
-    from client import Feed
-    from loader_server import Config, Service
+    from ringfeed import Feed
+    from ringfeed.server import Config, Service
 
     images, labels = rgb_images(64, 8), np.arange(64) % 4
     config = Config(batch_size=4, workers=1, slots=8, name=name, seed=2)
@@ -73,8 +73,8 @@ def test_a_two_input_two_output_model_fits_with_sample_weights_that_reach_the_lo
     import numpy as np
     from conftest import rgb_images
 
-    from client import Feed
-    from loader_server import Config, Service
+    from ringfeed import Feed
+    from ringfeed.server import Config, Service
 
     rng = np.random.default_rng(0)
     data = {"image": rgb_images(128, 8), "meta": rng.random((128, 16), dtype=np.float32),

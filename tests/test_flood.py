@@ -16,12 +16,12 @@ import pytest
 import zmq
 from conftest import expected_batches, free_port, rgb_images, take
 
-from client import Feed, protocol
-from client.paths import pid_namespace
-from client.status import query_status
-from loader_server import Config, ConfigError, Service
-from loader_server.config import MIN_INBOUND_BYTES_PER_S
-from loader_server.connections import ConnectionGuard, default_max_connections, end_connection
+from ringfeed import Feed, protocol
+from ringfeed.paths import pid_namespace
+from ringfeed.status import query_status
+from ringfeed.server import Config, ConfigError, Service
+from ringfeed.server.config import MIN_INBOUND_BYTES_PER_S
+from ringfeed.server.connections import ConnectionGuard, default_max_connections, end_connection
 
 CAP = 50
 FLOOD = 200

@@ -17,12 +17,12 @@ import pytest
 import zmq
 from conftest import expected_batches, free_port, rgb_images
 
-from client import Feed, RingfeedError, protocol
-from client.status import query_status
-from client.paths import pid_namespace
-from loader_server import Config, Service
-from loader_server.broker import FAILED_LINGER_S
-from loader_server.procs import pid_alive
+from ringfeed import Feed, RingfeedError, protocol
+from ringfeed.status import query_status
+from ringfeed.paths import pid_namespace
+from ringfeed.server import Config, Service
+from ringfeed.server.broker import FAILED_LINGER_S
+from ringfeed.server.procs import pid_alive
 
 AUG = ({"op": "random_crop", "size": 24}, {"op": "flip_lr"}, {"op": "normalize", "mean": 0.5, "std": 0.25})
 
@@ -147,7 +147,7 @@ def test_a_stopped_worker_is_replaced_and_the_stream_stays_exact(name):
         assert x.tobytes() == ex.tobytes() and np.array_equal(y, ey), f"batch {seq} differs"
 
 
-RINGFEED = [sys.executable, "-m", "loader_server.cli"]
+RINGFEED = [sys.executable, "-m", "ringfeed.server.cli"]
 
 
 def _serve(tmp_path, name, *options) -> subprocess.Popen:
@@ -181,7 +181,7 @@ def test_with_no_workers_left_every_client_is_told_and_serve_exits_non_zero(tmp_
 
 _PAUSING_READER = """
 import hashlib, json, sys, time
-from client import Feed
+from ringfeed import Feed
 endpoint, count, pause = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 with Feed(endpoint, transport="frames", timeout_s=20, prefetch=4) as feed:
     for k in range(count):

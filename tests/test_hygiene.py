@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 from conftest import free_port, rgb_images
 
-from client import Feed, RingfeedError
-from client.paths import pid_namespace_id
-from loader_server import shm, sources
-from loader_server.auth import generate_keys
-from loader_server.config import ConfigError
-from loader_server.procs import pid_alive
-from loader_server.ring import Ring, plan_layout
-from loader_server.service import _cleartext_readers
+from ringfeed import Feed, RingfeedError
+from ringfeed.paths import pid_namespace_id
+from ringfeed.server import shm, sources
+from ringfeed.server.auth import generate_keys
+from ringfeed.server.config import ConfigError
+from ringfeed.server.procs import pid_alive
+from ringfeed.server.ring import Ring, plan_layout
+from ringfeed.server.connections import cleartext_readers
 
-RINGFEED = [sys.executable, "-m", "loader_server.cli"]
+RINGFEED = [sys.executable, "-m", "ringfeed.server.cli"]
 DEAD_PID = 2**22 + 777  # above pid_max: never a live process
 NOBODY = 65534
 SERVER_START_TIMEOUT_S = 90.0
@@ -196,7 +196,7 @@ def test_the_server_and_its_workers_never_import_from_the_callers_folder(tmp_pat
     for marker in caller.glob("imported-*"):
         marker.unlink()
     # -P on the outer command too: only the server it launches is under test
-    start = subprocess.run([sys.executable, "-P", "-m", "loader_server.cli", "start", "--data", "data",
+    start = subprocess.run([sys.executable, "-P", "-m", "ringfeed.server.cli", "start", "--data", "data",
                             "--batch-size", "4", "--workers", "2", "--name", name],
                            cwd=caller, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
     try:
@@ -306,7 +306,7 @@ def test_an_npz_member_of_object_dtype_is_refused(tmp_path):
     ("tcp://eth0:5555", "anyone who can reach this port"),
 ])
 def test_the_cleartext_warning_says_who_can_read_the_batches(endpoint, readers):
-    assert _cleartext_readers(endpoint) == readers
+    assert cleartext_readers(endpoint) == readers
 
 
 def test_a_removed_curve_key_is_refused_without_a_restart(tmp_path, name):

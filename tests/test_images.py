@@ -8,11 +8,11 @@ import io
 import numpy as np
 import pytest
 
-from loader_server.augment.ops import Frame
-from loader_server.augment.rng import sample_keys
-from loader_server.config import ConfigError
-from loader_server.images.listing import is_image_folder, list_folder, read_list
-from loader_server.images.ops import RandomResizedCrop, Resize, ResizedCrop
+from ringfeed.server.augment.ops import Frame
+from ringfeed.server.augment.rng import sample_keys
+from ringfeed.server.config import ConfigError
+from ringfeed.server.images.listing import is_image_folder, list_folder, read_list
+from ringfeed.server.images.ops import RandomResizedCrop, Resize, ResizedCrop
 
 
 def _photos():
@@ -161,7 +161,7 @@ RRC = [{"op": "random_resized_crop", "size": 48}, {"op": "flip_lr"},
 
 
 def _config(name, data, **options):
-    from loader_server import Config
+    from ringfeed.server import Config
 
     return Config(**{"data": str(data), "batch_size": 4, "workers": 1, "name": name, "seed": 7, "augment": RRC,
                      **options})
@@ -171,9 +171,9 @@ def _epochs(config, epochs=2, kill_after=None):
     import os
     import signal
 
-    from client import Feed
-    from client.status import query_status
-    from loader_server import Service
+    from ringfeed import Feed
+    from ringfeed.status import query_status
+    from ringfeed.server import Service
 
     with Service(config) as svc, Feed(svc.endpoint, prefetch=4) as feed:
         batches = []
@@ -210,7 +210,7 @@ def test_without_normalize_images_stay_uint8(tmp_path, name):
 
 
 def test_a_packed_folder_serves_the_batches_the_folder_serves(tmp_path, name):
-    from loader_server.pack import pack
+    from ringfeed.server.pack import pack
 
     root = write_image_folder(tmp_path / "set", per_class=(4, 4))
     pack(str(root), str(tmp_path / "set.rfpack"), progress=False)
@@ -227,9 +227,9 @@ def test_a_random_resized_crop_matches_pillow_on_the_same_box(tmp_path):
 
     from PIL import Image
 
-    from loader_server import Config, shm, sources
-    from loader_server.augment.rng import sample_keys
-    from loader_server.batches import BatchMaker
+    from ringfeed.server import Config, shm, sources
+    from ringfeed.server.augment.rng import sample_keys
+    from ringfeed.server.batches import BatchMaker
 
     root = write_image_folder(tmp_path / "set", per_class=(4, 4))
     augment = [{"op": "random_resized_crop", "size": 40, "scale": [0.05, 1.0]}]
@@ -260,9 +260,9 @@ def test_a_random_resized_crop_matches_pillow_on_the_same_box(tmp_path):
 
 
 def test_a_corrupt_jpeg_is_named_with_its_sample_and_skipped_when_asked(tmp_path, name):
-    from client import Feed, RemoteWorkerError
-    from client.status import query_status
-    from loader_server import Service
+    from ringfeed import Feed, RemoteWorkerError
+    from ringfeed.status import query_status
+    from ringfeed.server import Service
 
     root = write_image_folder(tmp_path / "set", per_class=(4, 4))
     bad = root / "class_1" / "img_002.jpg"
@@ -288,7 +288,7 @@ def test_a_corrupt_jpeg_is_named_with_its_sample_and_skipped_when_asked(tmp_path
 ])
 def test_image_pipelines_that_leave_varying_sizes_are_refused_saying_which_op_to_add(tmp_path, name, augment,
                                                                                      fragment):
-    from loader_server import Service
+    from ringfeed.server import Service
 
     root = write_image_folder(tmp_path / "set", per_class=(2, 2))
     with pytest.raises(ConfigError) as err:
@@ -302,13 +302,13 @@ def test_model_fit_on_an_image_folder_through_the_cli_service(tmp_path, name):
     import sys
 
     keras = pytest.importorskip("keras")
-    from client import Feed
+    from ringfeed import Feed
 
     root = write_image_folder(tmp_path / "set", per_class=(8, 8, 8))
     toml = tmp_path / "images.toml"
     toml.write_text('batch_size = 8\nworkers = 1\n\n[[augment]]\nop = "random_resized_crop"\nsize = 32\n\n'
                     '[[augment]]\nop = "flip_lr"\n\n[[augment]]\nop = "normalize"\nmean = 0.5\nstd = 0.25\n')
-    ringfeed = [sys.executable, "-m", "loader_server.cli"]
+    ringfeed = [sys.executable, "-m", "ringfeed.server.cli"]
     started = subprocess.run([*ringfeed, "start", "--config", str(toml), "--data", str(root), "--name", name],
                              capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, started.stderr
@@ -356,11 +356,11 @@ def test_mixed_modes_and_sizes_all_arrive_in_the_configured_channels(tmp_path, n
 
 @pytest.mark.parametrize("corrupt", ["text", "bytes", "pack"])
 def test_a_bad_record_fails_its_batch_naming_it_and_the_sample(tmp_path, name, corrupt):
-    from client import Feed, RemoteWorkerError
-    from loader_server import Service
-    from loader_server.pack import pack
-    from loader_server.packfile import PackedFile
-    from loader_server.sampler import Sampler
+    from ringfeed import Feed, RemoteWorkerError
+    from ringfeed.server import Service
+    from ringfeed.server.pack import pack
+    from ringfeed.server.packfile import PackedFile
+    from ringfeed.server.sampler import Sampler
 
     root = write_image_folder(tmp_path / "set", per_class=(4, 4))
     sample = int(Sampler(8, 4, 7, "shuffle").indices(0, 1)[0])  # in batch (0, 1): the server starts

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from loader_server.augment.jit import select
-from loader_server.images.decode import DecodeError, Decoder, dct_factor, read_header
-from loader_server.images.resample import crop_resize, crop_resize_kernel, scratch_size
+from ringfeed.server.augment.jit import select
+from ringfeed.server.images.decode import DecodeError, Decoder, dct_factor, read_header
+from ringfeed.server.images.resample import crop_resize, crop_resize_kernel, scratch_size
 
 
 @pytest.fixture(scope="module")

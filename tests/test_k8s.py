@@ -10,7 +10,7 @@ import pytest
 import yaml
 from test_docker import ring_bytes
 
-from client.endpoints import expand_endpoints
+from ringfeed.endpoints import expand_endpoints
 
 K8S = Path(__file__).resolve().parents[1] / "docker" / "k8s"
 KUBERNETES_VERSION = "1.35"  # a current release; kubernetes-validate 1.37 ships schemas up to 1.37

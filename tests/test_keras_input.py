@@ -19,7 +19,7 @@ N, BATCH = 40, 8  # 5 batches an epoch
 
 
 def _service(name, **options):
-    from loader_server import Config, Service
+    from ringfeed.server import Config, Service
 
     config = Config(batch_size=BATCH, workers=1, name=name, seed=5, **options)
     return Service(config, features=id_images(N), labels=np.arange(N, dtype=np.float32))
@@ -27,7 +27,7 @@ def _service(name, **options):
 
 def _reference(endpoint, count):
     """The first ``count`` batches' features, read straight from a fresh feed."""
-    from client import Feed
+    from ringfeed import Feed
 
     with Feed(endpoint, copy=True) as feed:
         return [feed.next_batch()[0] for _ in range(count)]
@@ -60,8 +60,8 @@ def _same(got, want) -> bool:
 
 
 def test_each_keras_epoch_is_one_ringfeed_epoch_with_validation_and_no_warnings(name):
-    from client import Feed
-    from client.keras import InputStallMonitor, InputStallWarning
+    from ringfeed import Feed
+    from ringfeed.keras import InputStallMonitor, InputStallWarning
 
     model = _recorder()
     with _service(name) as svc:
@@ -80,8 +80,8 @@ def test_each_keras_epoch_is_one_ringfeed_epoch_with_validation_and_no_warnings(
 
 
 def test_the_stall_monitor_warns_once_naming_the_cause(name):
-    from client import Feed
-    from client.keras import InputStallMonitor, InputStallWarning
+    from ringfeed import Feed
+    from ringfeed.keras import InputStallMonitor, InputStallWarning
 
     model = _recorder()
     slow = [{"op": "python", "fn": "python_ops:slow", "kwargs": {"seconds": 0.01}}]
@@ -128,8 +128,8 @@ def test_a_torch_loop_resumes_from_its_state_dict_in_a_new_process(name, tmp_pat
 
 
 def test_a_checkpoint_refuses_a_fit_that_starts_in_another_epoch(name, tmp_path):
-    from client import Feed
-    from client.keras import StreamCheckpoint
+    from ringfeed import Feed
+    from ringfeed.keras import StreamCheckpoint
 
     model = _recorder()
     ckpt = StreamCheckpoint(tmp_path)
@@ -144,7 +144,7 @@ def test_a_checkpoint_refuses_a_fit_that_starts_in_another_epoch(name, tmp_path)
 
 
 def test_state_dicts_are_checked_and_seek_waits_for_lent_batches(name):
-    from client import Feed, RingfeedError
+    from ringfeed import Feed, RingfeedError
 
     with _service(name) as svc, Feed(svc.endpoint) as feed:
         state = feed.state_dict()

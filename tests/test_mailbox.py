@@ -4,8 +4,9 @@ records the client must refuse."""
 import numpy as np
 import pytest
 
-from client.mailbox import Mailbox, MailboxLost, mailbox_bytes, open_mailbox
-from client.protocol import FLAG_COPY, BatchMsg, ProtocolError
+from ringfeed.layout import mailbox_bytes
+from ringfeed.mailbox import Mailbox, MailboxLost, open_mailbox
+from ringfeed.protocol import FLAG_COPY, BatchMsg, ProtocolError
 
 
 def pair(capacity=4, k=1):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from loader_server.metrics import BUCKET_S, METRICS_WINDOW_S, Metrics
+from ringfeed.server.metrics import BUCKET_S, METRICS_WINDOW_S, Metrics
 
 
 class Clock:

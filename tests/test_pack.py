@@ -17,13 +17,13 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from loader_server import pack as packmod
-from loader_server.config import ConfigError
-from loader_server.images.listing import list_folder
-from loader_server.pack import pack
-from loader_server.packfile import MAGIC, PREAMBLE, PackedFile, PackError, is_pack
+from ringfeed.server import pack as packmod
+from ringfeed.server.config import ConfigError
+from ringfeed.server.images.listing import list_folder
+from ringfeed.server.pack import pack
+from ringfeed.server.packfile import MAGIC, PREAMBLE, PackedFile, PackError, is_pack
 
-RINGFEED = [sys.executable, "-m", "loader_server.cli"]
+RINGFEED = [sys.executable, "-m", "ringfeed.server.cli"]
 PHOTOS = load_sample_images().images  # two 427x640 RGB photos
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from conftest import rgb_images
 
-from client import Feed, PinMemoryError, pinning
-from loader_server import Config, Service
+from ringfeed import Feed, PinMemoryError, pinning
+from ringfeed.server import Config, Service
 
 
 class RecordingRuntime:

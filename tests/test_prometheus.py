@@ -10,11 +10,11 @@ import pytest
 from conftest import rgb_images
 from prometheus_client.parser import text_string_to_metric_families
 
-from client import Feed
-from client.status import query_status
-from loader_server import Config, Service
-from loader_server.config import ConfigError
-from loader_server.prometheus import METRICS_REFRESH_S
+from ringfeed import Feed
+from ringfeed.status import query_status
+from ringfeed.server import Config, Service
+from ringfeed.server.config import ConfigError
+from ringfeed.server.prometheus import METRICS_REFRESH_S
 
 SCRAPE_TIMEOUT_S = 5.0
 SETTLE_S = 10 * METRICS_REFRESH_S  # how long a figure may take to reach the endpoint

@@ -8,13 +8,15 @@ import uuid
 import numpy as np
 import pytest
 
-from client import protocol
-from client.layout import RingLayout
-from client.leases import RingMapping, copy_arrays, frame_arrays, lease_arrays
-from client.mailbox import mailbox_bytes
-from client.paths import SHM_DIR, pid_namespace_id
-from client.protocol import BatchMsg, ProtocolError, TaskMsg
-from client.structure import Structure
+from ringfeed import protocol
+from ringfeed.layout import RingLayout
+from ringfeed.leases import RingMapping, copy_arrays, frame_arrays, lease_arrays
+from ringfeed.layout import mailbox_bytes
+from ringfeed.paths import SHM_DIR, pid_namespace_id
+from ringfeed.protocol import BatchMsg, ProtocolError
+from ringfeed.server import worker_protocol
+from ringfeed.server.worker_protocol import TaskMsg
+from ringfeed.structure import Structure
 
 
 def test_round_trips():
@@ -23,14 +25,14 @@ def test_round_trips():
     assert protocol.parse_batch([*protocol.batch(msg), b"a", b"b", b"c", b"d"], fields=4) == msg
     assert protocol.parse_batches(protocol.batches([msg, msg])) == [msg, msg]
     tasks = [TaskMsg(slot=1, epoch=4, index=5), TaskMsg(slot=2, epoch=4, index=6)]
-    assert protocol.parse_tasks(protocol.tasks(tasks)) == tasks
+    assert worker_protocol.parse_tasks(worker_protocol.tasks(tasks)) == tasks
     assert protocol.parse_ack(protocol.ack(2, [1, 5, 9])) == (2, (1, 5, 9))
     hello = protocol.parse_hello(protocol.hello(1, 2, 4, 99, "pid:[1]"))
     assert (hello.epoch, hello.index, hello.credit, hello.pid, hello.pidns) == (1, 2, 4, 99, "pid:[1]")
-    assert protocol.parse_worker_done(protocol.worker_done([(6, 1), (7, 0)])) == [(6, 1), (7, 0)]
+    assert worker_protocol.parse_worker_done(worker_protocol.worker_done([(6, 1), (7, 0)])) == [(6, 1), (7, 0)]
     assert protocol.parse_mode(protocol.mode("mailbox", b"p" * 16)) == ("mailbox", b"p" * 16)
     assert protocol.parse_mode(protocol.mode("frames")) == ("frames", None)
-    slot, details = protocol.parse_worker_error(protocol.worker_error(2, {"kind": "ValueError", "message": "x"}))
+    slot, details = worker_protocol.parse_worker_error(worker_protocol.worker_error(2, {"kind": "ValueError", "message": "x"}))
     assert slot == 2 and details["kind"] == "ValueError"
 
 
@@ -40,9 +42,9 @@ def test_round_trips():
     ([protocol.BATCH, b"\x00" * 32, b"", b"", b""], "BATCH: expected 4 frame(s), got 5"),
     ([protocol.BATCHES, b"\x00" * 33], "expected 1 to 4096 records of 32 bytes, got 33 bytes"),
     ([protocol.BATCHES, b""], "got 0 bytes"),
-    ([protocol.TASK, b"\x00" * 21], "expected 1 to 64 records of 20 bytes, got 21 bytes"),
-    ([protocol.TASK, b"\x00" * 20 * 65], "expected 1 to 64 records"),
-    ([protocol.W_DONE, b""], "expected 1 to 64 records of 8 bytes, got 0 bytes"),
+    ([worker_protocol.TASK, b"\x00" * 21], "expected 1 to 64 records of 20 bytes, got 21 bytes"),
+    ([worker_protocol.TASK, b"\x00" * 20 * 65], "expected 1 to 64 records"),
+    ([worker_protocol.W_DONE, b""], "expected 1 to 64 records of 8 bytes, got 0 bytes"),
     ([protocol.MODE, b"smh"], "MODE: expected one of"),
     ([protocol.ACK, b"\x00\x00"], "4*(1+n) bytes"),
     ([protocol.ACK, b"\x00" * 4 * 5000], "n <= 4096"),
@@ -65,8 +67,8 @@ def test_round_trips():
 def test_malformed_frames_are_refused_with_a_reason(frames, fragment):
     parser = {protocol.BATCH: lambda frames: protocol.parse_batch(frames, fields=2),
               protocol.BATCHES: protocol.parse_batches, protocol.ACK: protocol.parse_ack,
-              protocol.HELLO: protocol.parse_hello, protocol.TASK: protocol.parse_tasks,
-              protocol.W_DONE: protocol.parse_worker_done, protocol.MODE: protocol.parse_mode}[frames[0]]
+              protocol.HELLO: protocol.parse_hello, worker_protocol.TASK: worker_protocol.parse_tasks,
+              worker_protocol.W_DONE: worker_protocol.parse_worker_done, protocol.MODE: protocol.parse_mode}[frames[0]]
     with pytest.raises(ProtocolError) as err:
         parser(frames)
     assert fragment in str(err.value)

@@ -88,7 +88,7 @@ def test_every_relative_link_in_the_docs_names_a_file_and_heading_that_exist():
 def test_the_readme_stays_short_and_its_results_are_a_generated_summary():
     """Long material lives in the docs it links to; figures come from benchmarks/report.py."""
     text = README.read_text()
-    assert len(text.splitlines()) <= 335
+    assert len(text.splitlines()) <= 310
     assert re.search(r"ringfeed [0-9a-f]{10}", text) is None, "commit hashes belong in benchmarks/RESULTS.md"
     summary = text[text.index("<!-- summary:start -->"):text.index("<!-- summary:end -->")]
     assert "benchmarks/RESULTS.md" in summary and "<!-- results:start -->" not in text
@@ -106,8 +106,8 @@ def test_the_several_fields_example_runs_as_printed(tmp_path, capsys):
 
 
 def test_the_python_op_snippet_and_its_toml_run_as_printed(tmp_path, monkeypatch, name):
-    from client import Feed
-    from loader_server import Config, Service
+    from ringfeed import Feed
+    from ringfeed.server import Config, Service
 
     blocks = _blocks("Per-sample Python", doc=SERVER_DOC)
     module = next(code for language, code in blocks if language == "python" and "def rotate" in code)
@@ -125,9 +125,9 @@ def test_the_python_op_snippet_and_its_toml_run_as_printed(tmp_path, monkeypatch
 def test_the_imagenet_style_config_makes_224_pixel_float_batches_from_an_image_folder(tmp_path):
     from test_images import write_image_folder
 
-    from loader_server import Config, shm
-    from loader_server.batches import BatchMaker
-    from loader_server.service import prepare_source
+    from ringfeed.server import Config, shm
+    from ringfeed.server.batches import BatchMaker
+    from ringfeed.server.service import prepare_source
 
     (language, code), = _blocks("Image files")
     assert language == "toml"
@@ -216,8 +216,8 @@ def test_the_service_from_python_snippet_runs_as_printed():
 
 
 def test_the_custom_op_snippet_runs_as_an_op(tmp_path, monkeypatch, name):
-    from client import Feed
-    from loader_server import Config, Service
+    from ringfeed import Feed
+    from ringfeed.server import Config, Service
 
     (language, code), = [block for block in _blocks("Custom ops", doc=SERVER_DOC) if block[0] == "python"]
     (tmp_path / "readme_ops.py").write_text(code)

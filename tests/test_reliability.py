@@ -13,12 +13,13 @@ import pytest
 import zmq
 from conftest import expected_batches, free_port, rgb_images, segments_of, take
 
-from client import Feed, RemoteWorkerError, RingfeedError, ServerGoneError, protocol
-from client.status import query_status
-from loader_server import Config, ConfigError, Service
-from loader_server.auth import generate_keys
-from loader_server.procs import pid_alive
-from loader_server.sampler import Sampler
+from ringfeed import Feed, RemoteWorkerError, RingfeedError, ServerGoneError, protocol
+from ringfeed.server import worker_protocol
+from ringfeed.status import query_status
+from ringfeed.server import Config, ConfigError, Service
+from ringfeed.server.auth import generate_keys
+from ringfeed.server.procs import pid_alive
+from ringfeed.server.sampler import Sampler
 
 
 SMALL = ({"op": "random_crop", "size": 12}, {"op": "flip_lr"}, {"op": "normalize", "mean": 0.5, "std": 0.25})
@@ -105,7 +106,7 @@ def test_on_error_raise_names_the_sample(name):
 
 CLIENT_SCRIPT = """
 import sys, time
-from client import Feed
+from ringfeed import Feed
 feed = Feed(sys.argv[1])
 held = [b for _, b in zip(range(3), feed.generator())]
 print("holding", flush=True)
@@ -197,8 +198,9 @@ def test_a_new_server_removes_the_segments_of_a_killed_one(name):
 
 def test_a_ring_larger_than_free_shm_is_refused(name):
     features = np.zeros((4, 1024 * 1024), np.float32)  # 4 MiB a sample
-    free_mib = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize / 2**20
-    slots = int(free_mib // 4) + 8
+    # Larger than the whole tmpfs, so no other process's freeing space can make it fit.
+    size_mib = os.statvfs("/dev/shm").f_blocks * os.statvfs("/dev/shm").f_frsize / 2**20
+    slots = int(size_mib // 4) + 8
     with pytest.raises(ConfigError, match=r"needs .* MiB of shared memory but /dev/shm has only"):
         Service(Config(batch_size=1, workers=1, slots=slots, name=name), features=features,
                 labels=np.arange(4)).start()
@@ -207,7 +209,7 @@ def test_a_ring_larger_than_free_shm_is_refused(name):
 def _fuzz_frames(rng: random.Random):
     valid_hello = protocol.hello(0, 0, 2, 0, "")[1]
     commands = [protocol.HELLO, protocol.ACK, protocol.PING, protocol.BYE, protocol.STATUS, protocol.BATCH,
-                protocol.W_DONE, b"", b"\x00" * 40, bytes(rng.randrange(256) for _ in range(6))]
+                worker_protocol.W_DONE, b"", b"\x00" * 40, bytes(rng.randrange(256) for _ in range(6))]
     kind = rng.randrange(10)
     command = rng.choice(commands)
     if kind == 0:
@@ -272,7 +274,7 @@ def test_curve_refuses_clients_without_the_right_key(name, tmp_path):
     np.save(tmp_path / "labels.npy", np.arange(40))
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "loader_server.cli", "serve", "--data", str(tmp_path), "--batch-size", "4",
+        [sys.executable, "-m", "ringfeed.server.cli", "serve", "--data", str(tmp_path), "--batch-size", "4",
          "--workers", "1", "--name", name, "--endpoint", endpoint, "--curve-secret-key", keys["server_secret"],
          "--curve-authorized-keys", keys["authorized"]], stderr=subprocess.PIPE, text=True)
     try:
@@ -294,7 +296,7 @@ def test_curve_refuses_clients_without_the_right_key(name, tmp_path):
 SCRIPT_WITH_SERVICE = """
 import sys, time
 import numpy as np
-from loader_server import Config, Service
+from ringfeed.server import Config, Service
 if __name__ == "__main__":
     svc = Service(Config(batch_size=4, workers=1, name=sys.argv[1]), features=np.zeros((16, 3), np.float32),
                   labels=np.arange(16)).start()

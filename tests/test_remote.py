@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from conftest import expected_batches, free_port, rgb_images, take
 
-from client import Feed
-from client.fanin import FanInFeed
-from loader_server import Config, Service
+from ringfeed import FanInFeed, Feed
+from ringfeed.server import Config, Service
 
 AUG = ({"op": "random_crop", "size": 12}, {"op": "flip_lr"}, {"op": "normalize", "mean": 0.5, "std": 0.25})
 
@@ -48,7 +47,7 @@ def test_three_servers_fan_in_every_sample_once_per_epoch(name):
     images, labels = rgb_images(480, 16), np.arange(480)
     services = _three_servers(name, images, labels)
     try:
-        with Feed([s.endpoint for s in services], transport="frames") as feed:
+        with FanInFeed([s.endpoint for s in services], transport="frames") as feed:
             assert isinstance(feed, FanInFeed) and feed.steps_per_epoch == 30
             got = take(feed, 60)
     finally:
@@ -67,7 +66,7 @@ def test_fan_in_goes_on_when_a_server_dies(name, caplog):
     services = _three_servers(name, images, labels)
     try:
         # prefetch 2: the killed server still owes most of its shard of epoch 0
-        with Feed([s.endpoint for s in services], transport="frames", timeout_s=1.0, prefetch=2) as feed:
+        with FanInFeed([s.endpoint for s in services], transport="frames", timeout_s=1.0, prefetch=2) as feed:
             got = take(feed, 6)
             os.kill(services[1].pid, signal.SIGKILL)
             gen = feed.generator()

@@ -1,6 +1,6 @@
 import numpy as np
 
-from loader_server.sampler import Sampler
+from ringfeed.server.sampler import Sampler
 
 
 def test_shuffle_covers_every_sample_once_and_drops_the_remainder():

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from conftest import IMAGENET, free_port, id_images, rgb_images, ringfeed_segments, spy_kernels
 
-from client import Feed, RemoteWorkerError, ServerGoneError
-from client.status import query_status
-from loader_server import Config, ConfigError, Service
-from loader_server.sampler import Sampler
-from loader_server.sources import publish
-from loader_server.batches import BatchMaker
-from loader_server.ring import aligned_empty
+from ringfeed import Feed, RemoteWorkerError, ServerGoneError
+from ringfeed.status import query_status
+from ringfeed.server import Config, ConfigError, Service
+from ringfeed.server.sampler import Sampler
+from ringfeed.server.sources import publish
+from ringfeed.server.batches import BatchMaker
+from ringfeed.server.ring import aligned_empty
 
 
 def take(feed, n, copy=True):
@@ -111,7 +111,7 @@ def test_server_killed_raises_within_timeout_and_workers_exit(name):
 
 
 def _alive(pid):
-    from loader_server.procs import pid_alive
+    from ringfeed.server.procs import pid_alive
 
     return pid_alive(pid)
 
@@ -255,7 +255,7 @@ def test_npz_data_and_resume_position(name, tmp_path):
 def test_every_delivery_route_gives_the_stream_with_errors_in_their_place(name, route, monkeypatch):
     """Mailbox (the local default), BATCHES messages (machines without the mailbox's memory
     ordering) and frames: the same batches in the same order, each failed batch raised in its place."""
-    from client import mailbox
+    from ringfeed import mailbox
 
     images = rgb_images(64, 8) // 2
     poisoned = Sampler(64, 8, 4, "shuffle").indices(0, 1)[3]
@@ -268,7 +268,7 @@ def test_every_delivery_route_gives_the_stream_with_errors_in_their_place(name, 
     sampler = Sampler(64, 8, 4, "shuffle")
     with Service(config, features=images, labels=np.arange(64)) as svc, \
             Feed(svc.endpoint, transport="frames" if route == "frames" else "auto") as feed:
-        assert (feed._mailbox is not None) == (route == "mailbox")
+        assert feed._arrivals.mode == {"mailbox": "mailbox", "batches": "shm", "frames": "frames"}[route]
         for seq in range(3 * sampler.steps_per_epoch):
             epoch, index = divmod(seq, sampler.steps_per_epoch)
             ids = sampler.indices(epoch, index)

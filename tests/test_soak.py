@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from conftest import rgb_images
 
-from loader_server import Config
+from ringfeed.server import Config
 
 REPO = Path(__file__).resolve().parent.parent
 SOAK = REPO / "benchmarks" / "soak.py"

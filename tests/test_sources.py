@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from loader_server import shm, sources
-from loader_server.config import Config, ConfigError
+from ringfeed.server import shm, sources
+from ringfeed.server.config import Config, ConfigError
 
 
 def test_folder_is_memory_mapped(tmp_path):
@@ -72,7 +72,7 @@ def test_a_fortran_ordered_npy_is_refused_by_name(tmp_path):
 
 
 def test_private_data_gives_a_worker_its_own_copy_and_is_refused_past_half_the_memory():
-    from loader_server.batches import BatchMaker
+    from ringfeed.server.batches import BatchMaker
 
     features = np.random.default_rng(0).integers(0, 255, (16, 4, 4, 3), np.uint8)
     segment = shm.segment_name(1, "abce", "data")

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from conftest import rgb_images
 
-from client import Feed
-from client.paths import default_endpoint
-from client.status import query_status
-from loader_server import cli
-from loader_server.status_view import CLEAR, StatusError, render
+from ringfeed import Feed
+from ringfeed.paths import default_endpoint
+from ringfeed.status import query_status
+from ringfeed.server import cli
+from ringfeed.server.status_view import CLEAR, StatusError, render
 
-RINGFEED = [sys.executable, "-m", "loader_server.cli"]
+RINGFEED = [sys.executable, "-m", "ringfeed.server.cli"]
 COMMAND_TIMEOUT_S = 120.0
 WATCH_TIMEOUT_S = 30.0
 INTERVAL_S = 0.2
@@ -31,6 +31,36 @@ INTERVAL_S = 0.2
 def ringfeed(*args):
     return subprocess.run([*RINGFEED, *args], capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
 
+
+
+def test_a_status_reply_larger_than_a_json_frame_is_never_held():
+    """A peer that answers STATUS with a huge frame is cut off by the socket (MAXMSGSIZE) before
+    the client holds it: the query is unanswered within its timeout."""
+    import threading
+
+    import zmq
+
+    from ringfeed import protocol
+
+    ctx = zmq.Context.instance()
+    fake = ctx.socket(zmq.ROUTER)
+    fake.setsockopt(zmq.LINGER, 0)
+    port = fake.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer():
+        if fake.poll(COMMAND_TIMEOUT_S * 1000):
+            identity, _ = fake.recv_multipart()
+            fake.send_multipart([identity, protocol.STATUS, b"{" + b" " * (8 * protocol.MAX_JSON_BYTES) + b"}"])
+
+    replier = threading.Thread(target=answer, daemon=True)
+    replier.start()
+    try:
+        started = time.monotonic()
+        assert query_status(f"tcp://127.0.0.1:{port}", timeout_s=2.0) is None
+        assert time.monotonic() - started < 2.0 + 1.0
+    finally:
+        replier.join(COMMAND_TIMEOUT_S)
+        fake.close(0)
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):

@@ -15,8 +15,8 @@ from conftest import IMAGENET, leased_slots, rgb_images
 
 torch = pytest.importorskip("torch")
 
-from client import Feed, PinMemoryError  # noqa: E402
-from loader_server import Config, Service  # noqa: E402
+from ringfeed import Feed, PinMemoryError  # noqa: E402
+from ringfeed.server import Config, Service  # noqa: E402
 
 
 @pytest.fixture

@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 import zmq
 
-from client import Feed, protocol
-from client.errors import RingfeedError, ServerGoneError
-from client.mailbox import mailbox_bytes
-from client.paths import SHM_DIR, ensure_runtime_dir, pid_namespace, pid_namespace_id, read_state_file
-from client.structure import Structure
+from ringfeed import Feed, protocol
+from ringfeed.errors import RingfeedError, ServerGoneError
+from ringfeed.layout import mailbox_bytes
+from ringfeed.paths import SHM_DIR, ensure_runtime_dir, pid_namespace, pid_namespace_id, read_state_file
+from ringfeed.structure import Structure
 from conftest import free_port
-from loader_server import Config, Service, background
+from ringfeed.server import Config, Service, background
 
 NOBODY = 65534
 PREFETCH = 16
@@ -577,12 +577,12 @@ def test_a_bad_frame_the_heartbeat_takes_is_the_feeds_failure_and_the_heartbeat_
         feed = Feed(server.endpoint, timeout_s=5.0, prefetch=PREFETCH, transport="frames")
         try:
             deadline = time.monotonic() + 10 * feed.heartbeat_s
-            while feed._failure is None and time.monotonic() < deadline:
+            while feed._conn.failure is None and time.monotonic() < deadline:
                 time.sleep(feed.heartbeat_s / 8)  # not reading: the heartbeat takes the frame
             with pytest.raises(protocol.ProtocolError, match=f"field '{fields[0]['name']}' is 0 bytes"):
                 feed.next_batch()
-            assert feed._thread.is_alive()
+            assert feed._conn.thread.is_alive()
         finally:
             feed.close()
-        feed._thread.join(5)
-        assert not feed._thread.is_alive()
+        feed._conn.thread.join(5)
+        assert not feed._conn.thread.is_alive()

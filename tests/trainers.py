@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client import Feed  # noqa: E402
+from ringfeed import Feed  # noqa: E402
 
 
 def _save(out: str, seen: list) -> None:
@@ -31,7 +31,7 @@ def _save(out: str, seen: list) -> None:
 def keras_trainer(endpoint: str, ckpt_dir: str, out: str, epochs: int, crash_at: int) -> None:
     import keras
 
-    from client.keras import StreamCheckpoint
+    from ringfeed.keras import StreamCheckpoint
 
     class Recorder(keras.Model):
         seen: list = []

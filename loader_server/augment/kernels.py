@@ -23,7 +23,7 @@ def gather_convert(src, idx, ay, ax, sy, sx, scale, shift, dst):
     """dst[b] = src[idx[b]] through the geometry map, then * scale[c] + shift[c] (float32 out).
     ``src`` and ``dst`` must be C-contiguous. A row read wholly from inside the source is
     converted as one flat run of pixels and channels, with scale and shift tiled along it, so
-    numba vectorises it (a per-channel inner loop did not vectorise: 2x slower here); a
+    numba vectorises it (a per-channel inner loop does not vectorise); a
     flipped row is converted in source order, then its pixels are swapped end for end."""
     n_batch, h, w, n_ch = dst.shape
     height, width = src.shape[1], src.shape[2]
@@ -116,7 +116,7 @@ def gather_convert_streamed(src, idx, ay, ax, sy, sx, scale, shift, dst):
 def gather_copy(src, idx, ay, ax, sy, sx, dst):
     """dst[b] = src[idx[b]] through the geometry map, same dtype, zero padding.
     Rows read left to right from inside the source are copied whole, which numba turns into
-    a block copy: 1.5x the element loop's 3.4 GB/s per core for a plain gather."""
+    a block copy, faster than the element loop."""
     n_batch, h, w, n_ch = dst.shape
     height, width = src.shape[1], src.shape[2]
     for b in prange(n_batch):
@@ -188,7 +188,7 @@ def fill_rect(x, y0, x0, rh, rw, fill):
 
 
 @kernel()
-def gaussian_noise(x, keys, stream, std):
+def gaussian_noise(x, keys, position, std):
     """x += N(0, std) per element, from the sample's key and the element's position."""
     n_batch, h, w, n_ch = x.shape
     per_sample = h * w * n_ch
@@ -197,7 +197,7 @@ def gaussian_noise(x, keys, stream, std):
         for i in range(h):
             for j in range(w):
                 for c in range(n_ch):
-                    counter = stream * per_sample * 2 + ((i * w + j) * n_ch + c) * 2
+                    counter = position * per_sample * 2 + ((i * w + j) * n_ch + c) * 2
                     u1 = uniform_at(key, counter)
                     u2 = uniform_at(key, counter + 1)
                     z = np.sqrt(-2.0 * np.log(1.0 - u1)) * np.cos(2.0 * np.pi * u2)

@@ -2,8 +2,8 @@
 
 Each op is built from its ``[[augment]]`` table and the frame it receives,
 refuses bad parameters with a ``ConfigError`` naming them, and draws its
-random choices from the counter-based RNG (``stream`` is unique per op and
-choice). Geometry ops only edit the per-sample coordinate map (``GeoMap``);
+random choices from the counter-based RNG (each choice has a draw number,
+unique per op and choice). Geometry ops only edit the per-sample coordinate map (``GeoMap``);
 the pipeline applies the map in one fused gather. Pixel ops run a kernel on
 the slot's array in place.
 """
@@ -21,7 +21,7 @@ from . import kernels
 from .jit import select
 from .rng import uniform
 
-STREAMS_PER_OP = 8
+DRAWS_PER_OP = 8
 
 
 @dataclass
@@ -53,8 +53,8 @@ class Op:
     geometry = False
     float_math = False  # needs float32 pixels
 
-    def __init__(self, where: str, params: dict, frame: Frame, stream: int):
-        self.where, self.stream = where, stream
+    def __init__(self, where: str, params: dict, frame: Frame, position: int):
+        self.where, self.position = where, position
         self._params = dict(params)
         self.setup(frame)
         extra = sorted(self._params)
@@ -76,7 +76,7 @@ class Op:
         return _check_value(self.where, name, value, kind, minimum, length)
 
     def uniform(self, keys: np.ndarray, k: int) -> np.ndarray:
-        return uniform(keys, self.stream * STREAMS_PER_OP + k)
+        return uniform(keys, self.position * DRAWS_PER_OP + k)
 
 
 def _check_value(where, name, value, kind, minimum, length):
@@ -250,7 +250,7 @@ class GaussianNoise(Op):
 
     def run(self, x, keys, compiled):
         with np.errstate(over="ignore"):
-            select(kernels.gaussian_noise, compiled)(x, keys, self.stream, self.std)
+            select(kernels.gaussian_noise, compiled)(x, keys, self.position, self.std)
 
 
 class Custom(Op):

@@ -93,9 +93,9 @@ class Pipeline:
             op.run(dst, keys, self.compiled)
 
     def run(self, features: np.ndarray, idx: np.ndarray, keys: np.ndarray, out: np.ndarray,
-            stream: bool = False) -> None:
+            streaming: bool = False) -> None:
         """Write the augmented samples ``features[idx]`` into ``out`` (B, *out_shape); both must
-        be C-contiguous, as the dataset sources and ring slots are. ``stream`` is for an ``out``
+        be C-contiguous, as the dataset sources and ring slots are. ``streaming`` is for an ``out``
         that will not be read soon (a ring slot): a float gather that is the last pass writes it
         with streaming stores, if its rows are 32-byte aligned (``streaming.py``) and the kernels
         are compiled (plain Python has no streaming stores)."""
@@ -113,7 +113,7 @@ class Pipeline:
             op.apply(geo, keys)
         if self.float_out:
             convert = kernels.gather_convert
-            if stream and self.compiled and not self.pixel and rows_aligned(dst.reshape(batch, self._frame.h, -1)):
+            if streaming and self.compiled and not self.pixel and rows_aligned(dst.reshape(batch, self._frame.h, -1)):
                 convert = kernels.gather_convert_streamed
             select(convert, self.compiled)(src, idx, geo.ay, geo.ax, geo.sy, geo.sx, self.scale, self.shift, dst)
         else:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from client.layout import DTYPE_SIZES
+from ringfeed.layout import DTYPE_SIZES
 
 from ..config import ConfigError
 from .ops import import_target
@@ -70,7 +70,7 @@ class PythonOp:
         self.out_fields = {name: (arrays[name].shape, arrays[name].dtype) for name in self.in_fields}
         return self.out_fields
 
-    def run(self, src: dict, idx, keys, dst: dict, stream: bool = False) -> None:
+    def run(self, src: dict, idx, keys, dst: dict, streaming: bool = False) -> None:
         for b in range(len(idx)):
             sample = {name: src[name][idx[b]] for name in self.in_fields}
             arrays = self._fields_of(self.fn(sample, self.rng(keys[b]), **self.kwargs))

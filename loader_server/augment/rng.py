@@ -1,4 +1,4 @@
-"""Counter-based random numbers: a pure hash of (seed, epoch, batch, sample, stream).
+"""Counter-based random numbers: a pure hash of (seed, epoch, batch, sample, draw).
 
 No generator state exists anywhere: the k-th random number of sample b in
 batch (epoch, index) is ``uniform(sample_keys(seed, epoch, index, B)[b], k)``,
@@ -33,10 +33,10 @@ def sample_keys(seed: int, epoch: int, index: int, batch_size: int) -> np.ndarra
         return mix64(base ^ (np.arange(batch_size, dtype=np.uint64) * _GOLDEN))
 
 
-def uniform(keys: np.ndarray, stream: int) -> np.ndarray:
-    """Uniform floats in [0, 1), one per key, for random choice number ``stream``."""
+def uniform(keys: np.ndarray, draw: int) -> np.ndarray:
+    """Uniform floats in [0, 1), one per key, for random choice number ``draw``."""
     with np.errstate(over="ignore"):
-        bits = mix64(keys ^ mix64(np.uint64(stream + 1) * _GOLDEN))
+        bits = mix64(keys ^ mix64(np.uint64(draw + 1) * _GOLDEN))
     return (bits >> _S11).astype(np.float64) * _TO_UNIT
 
 

@@ -75,14 +75,14 @@ class NumbaStage:
             else:
                 self.pipelines[name], self.out_fields[name] = None, (shape, np.dtype(dtype))
 
-    def run(self, src: dict, idx, keys, dst: dict, stream: bool = False) -> None:
+    def run(self, src: dict, idx, keys, dst: dict, streaming: bool = False) -> None:
         for name, pipe in self.pipelines.items():
             if pipe is None:
                 np.take(src[name], idx, axis=0, out=dst[name])
             elif not isinstance(pipe, Pipeline):  # an ImageField
                 pipe.run(src[name], idx, keys, dst[name])
             else:
-                pipe.run(src[name], idx, keys, dst[name], stream)
+                pipe.run(src[name], idx, keys, dst[name], streaming)
 
 
 class SamplePipeline:
@@ -121,15 +121,15 @@ class SamplePipeline:
         self.run(source, np.zeros(1, np.int64), np.array([key], np.uint64), out)
         return {name: out[name][0] for name in op.in_fields}
 
-    def run(self, source: dict, idx, keys, out: dict, stream: bool = False) -> None:
+    def run(self, source: dict, idx, keys, out: dict, streaming: bool = False) -> None:
         """Write samples ``idx`` of ``source`` through every stage into ``out`` (one array per
-        field, (B, *shape)). ``stream``: ``out`` is a ring slot, which nobody reads soon."""
+        field, (B, *shape)). ``streaming``: ``out`` is a ring slot, which nobody reads soon."""
         scratch = self._buffers(len(idx))
         src, at = source, idx
         for k, stage in enumerate(self.stages):
             last = k == len(self.stages) - 1
             dst = out if last else scratch[k]
-            stage.run(src, at, keys, dst, stream and last)
+            stage.run(src, at, keys, dst, streaming and last)
             if last:
                 return
             src, at = dst, np.arange(len(idx))

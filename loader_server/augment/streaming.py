@@ -5,8 +5,8 @@ has left the cache. A plain store to a line that is not cached first reads the
 line from memory (write-allocate), so every batch would cross the memory bus
 twice; a streaming store writes the line without reading it. An in-process
 loop that reuses one output buffer keeps it in cache with plain stores and
-gained nothing from streaming ones in one-off timings here (0.97-1.04x), so
-streaming is the caller's choice (``Pipeline.run(stream=True)``).
+gained nothing measurable from streaming ones, so
+streaming is the caller's choice (``Pipeline.run(streaming=True)``).
 
 A kernel streams a row with ``stream_vector`` over ``range(0, span, VECTOR)``,
 ``span`` from ``stream_span`` (vector streaming stores must be 32-byte
@@ -33,8 +33,8 @@ VECTOR_BYTES = 32
 def rows_aligned(rows: np.ndarray) -> bool:
     """Whether every row of ``rows`` (C-contiguous float32, rows on the last axis) starts on a
     32-byte boundary, so ``stream_span`` streams all of it; callers pick the streaming kernel
-    only then, as its fallback for other rows is slow (plain stores through the row buffer:
-    3x the plain kernel's time in a one-off timing here)."""
+    only then, as its fallback for other rows is slow (plain stores through the row buffer,
+    several times the plain kernel's time)."""
     return rows.ctypes.data % VECTOR_BYTES == 0 and rows.shape[-1] % VECTOR == 0
 
 

@@ -29,25 +29,14 @@ PNGs go through Pillow (only ``formats=("PNG",)``, with
 ``ImageFile.LOAD_TRUNCATED_IMAGES`` left False), then are copied into the
 buffer, so every decode returns a view of the same buffer.
 
-Why simplejpeg and not PyTurboJPEG, measured here (2 shared cores, Debian 12's
-libturbojpeg 2.1.5 for PyTurboJPEG 1.8.3 -- PyTurboJPEG 2 needs
-libjpeg-turbo >= 3 -- and simplejpeg 1.9.0's bundled 3.1.2): six 400x400
-crops of sklearn's two sample photos, Pillow JPEG quality 90 (4:2:0), the
-thread's CPU time (wall time swung 2x with the other load), median of 21
-interleaved rounds of 30 decodes, us per image, two runs:
-
-    full size     simplejpeg 1111 / 1175   PyTurboJPEG 1071 / 1157
-    1/2 scale     simplejpeg  792 /  893   PyTurboJPEG  808 /  908
-    1/4 scale     simplejpeg  711 /  794   PyTurboJPEG  803 /  811
-    1/8 scale     simplejpeg  596 /  595
-    round by round, PyTurboJPEG / simplejpeg: 0.97-1.00 full, 1.03-1.09 at 1/2
-
-The same speed (both are libjpeg-turbo underneath), so the project keeps
-simplejpeg: a wheel with libjpeg-turbo inside, no system library to install,
-and a ``buffer=`` argument to decode into. DCT scaling saves less than its
-pixel count suggests, because at quality 90 the entropy decoding of the whole
-file stays: round by round, 1/2 scale saves 25-26% of the full decode
-(~1150 -> ~850 us), 1/4 saves 32-35% (-> ~750 us), 1/8 45-48% (-> ~595 us).
+Why simplejpeg and not PyTurboJPEG: both are libjpeg-turbo underneath and
+decoded within a few percent of each other, full size and DCT-scaled, when
+the decoder was chosen; simplejpeg is a wheel with
+libjpeg-turbo inside, no system library to install, and has a ``buffer=``
+argument to decode into. DCT scaling saves less than its pixel count
+suggests, because at quality 90 the entropy decoding of the whole file stays:
+1/2 scale saves about a quarter of the full decode, 1/4 a third, 1/8 nearly
+half.
 """
 
 from __future__ import annotations

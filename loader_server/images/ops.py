@@ -1,7 +1,7 @@
 """Ops that give encoded images of any size one fixed shape: which box of each image to keep.
 
 Each op draws its random choices from the counter-based RNG like every other
-op, but from a stream space of its own (``IMAGE_STREAMS``): a random-resized
+op, but from a range of draw numbers of its own (``IMAGE_DRAWS``): a random-resized
 crop may need 40 numbers per sample (torchvision's ten attempts of four),
 more than an op's usual eight. Boxes are (y0, x0, height, width) in source
 pixels, one per sample, computed for the whole batch from the images' sizes.
@@ -17,7 +17,7 @@ from ..augment.ops import Frame, Op, _size
 from ..augment.rng import uniform
 from ..config import ConfigError
 
-IMAGE_STREAMS = 1 << 16  # below batches.REPLACEMENT_STREAM; each op has 64 streams here
+IMAGE_DRAWS = 1 << 16  # below batches.REPLACEMENT_DRAW; each op has 64 draws here
 RRC_ATTEMPTS = 10  # torchvision's
 
 
@@ -25,7 +25,7 @@ class BoxOp(Op):
     geometry = True
 
     def uniform(self, keys: np.ndarray, k: int) -> np.ndarray:
-        return uniform(keys, IMAGE_STREAMS + self.stream * 64 + k)
+        return uniform(keys, IMAGE_DRAWS + self.position * 64 + k)
 
     def _pair(self, name: str, default: list[float], low_exclusive: float, high: float | None) -> tuple[float, float]:
         value = self.param(name, default, length=(2,))
@@ -109,9 +109,9 @@ class ResizedCrop(BoxOp):
     """``center_crop`` / ``random_crop`` of ``size`` after ``resize(shorter_side=S)``: a box of
     ``size * min(h, w) / S`` source pixels, centred or at a random offset of the resized image."""
 
-    def __init__(self, where, params, frame, stream, resize: Resize, random: bool):
+    def __init__(self, where, params, frame, position, resize: Resize, random: bool):
         self.resize, self.random = resize, random
-        super().__init__(where, params, frame, stream)
+        super().__init__(where, params, frame, position)
 
     def setup(self, frame):
         self.size = _size(self)

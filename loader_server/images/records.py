@@ -3,7 +3,7 @@
 ``FileRecords`` reads one file per sample; its paths travel to the workers as
 two arrays in the shared data segment (the UTF-8 paths end to end, and their
 offsets), so a million paths cost two arrays, not a pickled list per worker.
-``loader_server.pack.PackedRecords`` reads a record of a packed file instead.
+``ringfeed.server.pack.PackedRecords`` reads a record of a packed file instead.
 Both name a sample's source in errors with ``describe``.
 """
 

@@ -16,15 +16,14 @@ pass.
 Both coefficient tables (a first index and ``taps`` zero-padded weights per
 output pixel) are computed once per call, inside the kernel. The filter
 along the pixels' own axis cannot run along contiguous memory, so Pillow's
-order (horizontal pass over the box rows, then vertical) left a scalar inner
-loop over the taps of three channels: 1180 us for 400x400 -> 224x224x3 here.
-This kernel runs the vertical pass first, along source rows (the contiguous
-run of the columns the box needs, vectorised), stores each filtered row
-as a column of a float32 scratch (``cols x oh*C``), runs the horizontal pass
-along those columns (vectorised), and writes each result as a column of
-``dst``: 320-360 us for the same case into float32 with normalize, 390-530 us
-into uint8 (2 shared cores, thread CPU time, median of 11 rounds of 20 calls;
-Pillow's own uint8 resize: 1280-1360 us here). In exact
+order (horizontal pass over the box rows, then vertical) leaves a scalar inner
+loop over the taps of three channels. This kernel runs the vertical pass
+first, along source rows (the contiguous run of the columns the box needs,
+vectorised), stores each filtered row as a column of a float32 scratch
+(``cols x oh*C``), runs the horizontal pass along those columns (vectorised),
+and writes each result as a column of ``dst``: several times faster than
+Pillow's own uint8 resize, normalize included (``benchmarks/images.py``
+measures the whole decode-and-resize path). In exact
 arithmetic the order does not matter; in float32 the two orders agree within
 1e-4. The scratch is the caller's or, by default, one per thread, kept and
 grown; the only allocations per call are the small coefficient tables.
@@ -81,10 +80,9 @@ def crop_resize_kernel(src, y0, x0, box_h, box_w, flip_lr, flip_ud, scale, shift
     out_h, out_w = dst.shape[0], dst.shape[1]
     x_first, x_weights = axis_coeffs(x0, box_w, width, out_w, flip_lr)
     y_first, y_weights = axis_coeffs(y0, box_h, height, out_h, flip_ud)
-    x_taps, y_taps = x_weights.shape[1], y_weights.shape[1]
     col_lo, col_hi = width, 0
     for j in range(out_w):
-        col_lo, col_hi = min(col_lo, x_first[j]), max(col_hi, x_first[j] + x_taps)
+        col_lo, col_hi = min(col_lo, x_first[j]), max(col_hi, x_first[j] + x_weights.shape[1])
     n_cols = col_hi - col_lo
     span = n_cols * n_ch  # one source row of the columns the horizontal filter reads
     col_run = out_h * n_ch  # one column of the vertically filtered image, transposed
@@ -92,25 +90,30 @@ def crop_resize_kernel(src, y0, x0, box_h, box_w, flip_lr, flip_ud, scale, shift
         raise ValueError("scratch too small for this box")
     cols = scratch[:n_cols * col_run].reshape(n_cols, col_run)
     acc = scratch[n_cols * col_run:n_cols * col_run + max(span, col_run)]
-    src_rows = src.reshape(height, width * n_ch)
-    dst_rows = dst.reshape(out_h, out_w * n_ch)
-    off = col_lo * n_ch
+    vertical_pass(src.reshape(height, width * n_ch), y_first, y_weights, col_lo * n_ch, n_ch, cols, acc)
+    horizontal_pass(cols, x_first, col_lo, x_weights, n_ch, scale, shift, dst.reshape(out_h, out_w * n_ch), acc)
 
-    # vertical pass along source rows, vectorised; each filtered row is stored as a column of cols
-    for i in range(out_h):
+
+@kernel(parallel=False)
+def vertical_pass(src_rows, y_first, y_weights, off, n_ch, cols, acc):
+    """Filter along source rows (the contiguous run of the box's columns, vectorised); store each
+    filtered row as a column of ``cols``."""
+    n_cols = cols.shape[0]
+    span = n_cols * n_ch
+    for i in range(y_first.shape[0]):
         base = y_first[i]
         w = y_weights[i, 0]
         row = src_rows[base, off:off + span]
         for t in range(span):
             acc[t] = w * np.float32(row[t])
-        for k in range(1, y_taps):
+        for k in range(1, y_weights.shape[1]):
             w = y_weights[i, k]
             if w != 0.0:
                 row = src_rows[base + k, off:off + span]
                 for t in range(span):
                     acc[t] += w * np.float32(row[t])
         q = i * n_ch
-        if n_ch == 3:  # the channel loop written out: 1.6x faster for both transposed stores
+        if n_ch == 3:  # the channel loop written out: markedly faster for both transposed stores
             for col in range(n_cols):
                 cols[col, q] = acc[col * 3]
                 cols[col, q + 1] = acc[col * 3 + 1]
@@ -123,19 +126,26 @@ def crop_resize_kernel(src, y0, x0, box_h, box_w, flip_lr, flip_ud, scale, shift
                 for c in range(n_ch):
                     cols[col, q + c] = acc[col * n_ch + c]
 
-    # horizontal pass along the columns, vectorised; each result is written as a column of dst
-    to_float = dst.itemsize == 4  # float32; else uint8, which takes no scale and shift
+
+@kernel(parallel=False)
+def horizontal_pass(cols, x_first, col_lo, x_weights, n_ch, scale, shift, dst_rows, acc):
+    """Filter along the columns of ``cols`` (vectorised; column ``x_first[j] - col_lo`` is the
+    first that output column ``j`` reads); write each
+    result as a column of ``dst_rows``, normalized when it is float32."""
+    col_run = cols.shape[1]
+    out_h = col_run // n_ch
+    to_float = dst_rows.itemsize == 4  # float32; else uint8, which takes no scale and shift
     one, zero = np.float32(1.0), np.float32(0.0)
     s0, h0 = (scale[0], shift[0]) if to_float else (one, zero)
     s1, h1 = (scale[n_ch // 2], shift[n_ch // 2]) if to_float else (one, zero)  # used when n_ch is 3
     s2, h2 = (scale[n_ch - 1], shift[n_ch - 1]) if to_float else (one, zero)
-    for j in range(out_w):
+    for j in range(x_first.shape[0]):
         base = x_first[j] - col_lo
         w = x_weights[j, 0]
         column = cols[base]
         for t in range(col_run):
             acc[t] = w * column[t]
-        for k in range(1, x_taps):
+        for k in range(1, x_weights.shape[1]):
             w = x_weights[j, k]
             if w != 0.0:
                 column = cols[base + k]

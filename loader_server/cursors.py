@@ -6,9 +6,9 @@ client fans in from several servers. Clients that name the same job share its
 cursor, so each batch goes to exactly one of them. A client without a job name
 has a private one.
 
-Each ``ClientState`` keeps the seqs assigned to it in a heap and delivers them
+Each ``ClientCursor`` keeps the seqs assigned to it in a heap and delivers them
 in order (or as they finish when unordered); a batch that failed is delivered
-as its error, at its place in the stream. Seqs a departing client never
+as its ``Failure``, at its place in the stream. Seqs a departing client never
 received go back to its job, to be recomputed for another member.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -46,25 +47,49 @@ class Job:
         return self.next_seq - 1
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why a batch could not be made: a worker's error report, or ``WorkerCrash``. The
+    optional details are a worker's JSON values, passed on as they came."""
+    kind: str
+    message: str
+    traceback: Any = None
+    sample: Any = None
+    position: Any = None
+    worker_pid: Any = None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One place in a client's stream: a READY slot (``failure`` None) or the failure that
+    takes the batch's place (``slot`` None). ``copy``: the client must copy the slot out."""
+    seq: int
+    epoch: int
+    index: int
+    slot: int | None = None
+    failure: Failure | None = None
+    copy: bool = False
+
+
 @dataclass
-class ClientState:
+class ClientCursor:
     identity: bytes
     job: Job
     credit: int
-    last_seen: float
-    local_pid: int | None  # set when the client shares our pid namespace over ipc
-    pid_checked_at: float = 0.0
     frames: bool = False  # batch bytes travel in the message (no shared memory)
-    mailbox_id: int | None = None  # offered in WELCOME
-    mailbox: object = None  # client.mailbox.Mailbox, once MODE chose it
     started: bool = False  # MODE received
     assigned: list = field(default_factory=list)  # heap of seqs being made for it, not yet delivered
-    ready: dict = field(default_factory=dict)  # seq -> READY slot, or the ERROR frames that replace it
+    ready: dict = field(default_factory=dict)  # seq -> Delivery, not yet sent
     leased: set = field(default_factory=set)  # slots delivered zero-copy, not yet released
 
     @property
     def hungry(self) -> bool:
         return self.started and self.credit > len(self.assigned)
+
+    @property
+    def held(self) -> int:
+        """Slots and failures the client holds or is owed: what it gives back when it goes."""
+        return len(self.leased) + len(self.ready)
 
     def assign(self, seq: int) -> None:
         heapq.heappush(self.assigned, seq)
@@ -78,11 +103,11 @@ class ClientState:
             return self.assigned[0] if self.assigned and self.assigned[0] in self.ready else None
         return next(iter(self.ready), None)
 
-    def delivered(self, seq: int):
-        """Take ``seq`` off the ready and assigned lists; return its slot, or its error's frames."""
+    def delivered(self, seq: int) -> Delivery:
+        """Take ``seq`` off the ready and assigned lists."""
         if self.assigned[0] == seq:
             heapq.heappop(self.assigned)
         else:
             self.unassign(seq)
-        self.credit -= 1  # an error takes its batch's place in the stream, and its credit
+        self.credit -= 1  # a failure takes its batch's place in the stream, and its credit
         return self.ready.pop(seq)
