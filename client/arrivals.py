@@ -7,7 +7,7 @@ BATCHES messages name the ring slots that hold ready batches.
 descriptors into the feed's shared-memory mailbox (``client/mailbox.py``), and
 the socket carries only a WAKE when the feed sleeps.
 
-Whichever the source, ``take()`` yields ``Arrival``s in stream order: a batch,
+Whichever the source, ``take(arrivals)`` appends ``Arrival``s in stream order: a batch,
 or a batch that failed, with the worker's error. A failed batch comes as the
 ERROR message of its batch, in its place among the batches, except in mailbox
 mode: there its place is a record flagged ``FLAG_ERROR``, and its ERROR, sent
@@ -18,14 +18,14 @@ names the batch without the details).
 
 What breaks the stream (a slot outside the ring, a mailbox given to another
 client) becomes the connection's ``failure``; a malformed message raises
-``ProtocolError`` from ``take()``, and the messages after it stay on the socket.
+``ProtocolError`` from ``take()``, after the arrivals before it were appended; the
+messages after it stay on the socket.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
 from typing import NamedTuple
 
 from . import mailbox, protocol
@@ -69,15 +69,15 @@ class FrameArrivals:
     def __init__(self, connection: Connection, fields: int):
         self._connection, self._fields = connection, fields
 
-    def take(self) -> Iterator[Arrival]:
+    def take(self, arrivals: list[Arrival]) -> None:
         for message in self._connection.receive():
             if message.error is not None:
-                yield Arrival.failed(RemoteWorkerError(message.error))
+                arrivals.append(Arrival.failed(RemoteWorkerError(message.error)))
             elif message.command == protocol.BATCHES:
                 raise protocol.ProtocolError("BATCHES (slot descriptors) sent to a feed in frames mode")
             else:
                 record = protocol.parse_batch(message.frames, self._fields)
-                yield Arrival.in_frames(record, message.frames[2:])
+                arrivals.append(Arrival.in_frames(record, message.frames[2:]))
 
     def may_sleep(self) -> bool:
         """Whether the feed may now wait on its socket: here, always."""
@@ -92,17 +92,17 @@ class DescriptorArrivals:
     def __init__(self, connection: Connection, slots: int):
         self._connection, self._slots = connection, slots
 
-    def take(self) -> Iterator[Arrival]:
+    def take(self, arrivals: list[Arrival]) -> None:
         for message in self._connection.receive():
-            yield from self._message(message)
+            self._message(message, arrivals)
 
     def may_sleep(self) -> bool:
         """Whether the feed may now wait on its socket: here, always."""
         return True
 
-    def _message(self, message: Message) -> Iterator[Arrival]:
+    def _message(self, message: Message, arrivals: list[Arrival]) -> None:
         if message.error is not None:
-            yield Arrival.failed(RemoteWorkerError(message.error))
+            arrivals.append(Arrival.failed(RemoteWorkerError(message.error)))
         elif message.command == protocol.BATCH:
             raise protocol.ProtocolError("BATCH (bytes) sent to a feed in shm mode")
         else:
@@ -112,7 +112,7 @@ class DescriptorArrivals:
                         f"the server at {self._connection.endpoint}: BATCHES: record for slot {record.slot}, "
                         f"expected 0 to {self._slots - 1}")
                     return
-                yield Arrival.in_slot(record)
+                arrivals.append(Arrival.in_slot(record))
 
 
 class MailboxArrivals(DescriptorArrivals):
@@ -128,24 +128,25 @@ class MailboxArrivals(DescriptorArrivals):
         self._held: deque[tuple[protocol.BatchMsg, float]] = deque()  # from a failed batch on, and when read
         self._details: deque[RemoteWorkerError] = deque()  # failed batches' errors, in stream order
 
-    def take(self) -> Iterator[Arrival]:
-        self._read()
-        yield from self._release()
+    def take(self, arrivals: list[Arrival]) -> None:
+        self._read(arrivals)
+        self._release(arrivals)
         for message in self._connection.receive():
             if message.error is not None and self._mailbox is not None:
                 self._details.append(RemoteWorkerError(message.error))
             else:
-                yield from self._message(message)
+                self._message(message, arrivals)
         if self._connection.expired:  # the slots it was told of are no longer this feed's
             self._mailbox = None
             self._held.clear()
-        yield from self._release()
+        self._release(arrivals)
 
     def may_sleep(self) -> bool:
         """Ask for a WAKE; False if records came meanwhile (take them instead)."""
         return self._mailbox is None or self._mailbox.sleep(self._wake_after)
 
-    def _read(self) -> None:
+    def _read(self, arrivals: list[Arrival]) -> None:
+        """Take the mailbox's records: into ``arrivals`` while none is held back, else held."""
         if self._mailbox is None:
             return
         try:
@@ -154,13 +155,18 @@ class MailboxArrivals(DescriptorArrivals):
             self._connection.failure = RingfeedError(f"the server at {self._connection.endpoint}: {exc}")
             self._mailbox = None
             return
-        if records:
-            self._connection.heard()
-            now = time.monotonic()
-            self._held.extend((record, now) for record in records)
+        if not records:
+            return
+        self._connection.heard()
+        now = time.monotonic()
+        for record in records:
+            if self._held or record.flags & protocol.FLAG_ERROR:  # from a failed batch on, all wait
+                self._held.append((record, now))
+            else:
+                arrivals.append(Arrival.in_slot(record))
 
-    def _release(self) -> Iterator[Arrival]:
-        """The held records up to the first failed batch whose error has not come."""
+    def _release(self, arrivals: list[Arrival]) -> None:
+        """Into ``arrivals``, the held records up to the first failed batch whose error has not come."""
         connection = self._connection
         while self._held:
             record, read_at = self._held[0]
@@ -175,7 +181,7 @@ class MailboxArrivals(DescriptorArrivals):
             else:
                 return
             self._held.popleft()
-            yield arrival
+            arrivals.append(arrival)
 
 
 def open_arrivals(connection: Connection, welcome: protocol.WelcomeMsg, mapping: RingMapping | None,

@@ -244,17 +244,19 @@ class Feed(BatchStream):
     # -- taking in and giving back (callers hold the lock) -------------------
 
     def _take(self) -> int:
-        """Take in what has arrived; how many batches and failures that was."""
-        count = 0
-        for arrival in self._arrivals.take():
-            count += 1
+        """Take in what has arrived; how many batches and failures that was. What came before a
+        malformed message is kept when its ``ProtocolError`` goes up."""
+        arrivals: list[Arrival] = []
+        try:
+            self._arrivals.take(arrivals)
+        finally:
             if not self._closed:
-                self._ready.append(arrival)
-            elif arrival.slot is not None:
-                self._released.append(arrival.slot)
+                self._ready.extend(arrivals)
+            else:
+                self._released.extend(arrival.slot for arrival in arrivals if arrival.slot is not None)
         if self._conn.expired:  # the slots it was told of are no longer this feed's; frames it received are
             self._ready = deque(arrival for arrival in self._ready if arrival.frames is not None)
-        return count
+        return len(arrivals)
 
     def _pump(self, wait_s: float) -> None:
         """Take in what has arrived; if nothing has, wait up to ``wait_s`` for the socket or monitor."""

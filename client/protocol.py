@@ -61,6 +61,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .layout import BATCH_RECORD, TOKEN_BYTES, LayoutError, RingLayout
 from .structure import Structure, StructureError
@@ -104,8 +105,7 @@ class ProtocolError(ValueError):
     """A frame that does not follow the protocol."""
 
 
-@dataclass(frozen=True, slots=True)
-class BatchMsg:
+class BatchMsg(NamedTuple):
     slot: int
     flags: int
     epoch: int

@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass
@@ -29,11 +29,11 @@ class Job:
     next_seq: int = 0
     retask: deque = field(default_factory=deque)
     members: int = 0
+    per_epoch: int = field(init=False)  # the job's batches per epoch: its shard's indices
 
-    @property
-    def per_epoch(self) -> int:
+    def __post_init__(self) -> None:
         i, n = self.shard
-        return len(range(i, self.steps_per_epoch, n))
+        self.per_epoch = len(range(i, self.steps_per_epoch, n))
 
     def position(self, seq: int) -> tuple[int, int]:
         """(epoch, index) of the job's ``seq``-th batch."""
@@ -59,8 +59,7 @@ class Failure:
     worker_pid: Any = None
 
 
-@dataclass(frozen=True)
-class Delivery:
+class Delivery(NamedTuple):
     """One place in a client's stream: a READY slot (``failure`` None) or the failure that
     takes the batch's place (``slot`` None). ``copy``: the client must copy the slot out."""
     seq: int

@@ -24,7 +24,8 @@ release of a slot the client does not hold, an unknown id) raises
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ringfeed.protocol import ProtocolError
 
@@ -36,7 +37,7 @@ WORKER_INFLIGHT = 16  # a feed's default credit: one worker alone can hold all o
 MAX_DEATHS_PER_BATCH = 3
 
 
-@dataclass
+@dataclass(slots=True)
 class Slot:
     state: SlotState = SlotState.FREE
     worker: int | None = None
@@ -46,27 +47,24 @@ class Slot:
     index: int = -1
 
 
-@dataclass
+@dataclass(slots=True)
 class WorkerState:
     ready: bool = False  # said W_HELLO
     inflight: set = field(default_factory=set)
     isolated: bool = False  # running a suspect batch alone
 
 
-@dataclass(frozen=True)
-class Task:
+class Task(NamedTuple):
     client: bytes
     seq: int
 
 
-@dataclass(frozen=True)
-class SendTasks:
+class SendTasks(NamedTuple):
     worker: int
     tasks: tuple[TaskMsg, ...]
 
 
-@dataclass(frozen=True)
-class Deliver:
+class Deliver(NamedTuple):
     """What ``client`` gets now, in stream order, as slot descriptors or (``frames``) as the
     slots' bytes; ``credit`` and ``more_coming`` (batches still being made for it) as they are
     once these are taken."""
@@ -285,6 +283,8 @@ class Scheduler:
     def schedule(self, limit: int | None = None) -> list[SendTasks]:
         """Hand out tasks while there are free slots, idle workers and wanted batches;
         each worker gets its share in one ``SendTasks``."""
+        if not self.free:  # the broker asks on every pass of its loop
+            return []
         batches: dict[int, list[TaskMsg]] = {}
         active = self.active_workers(limit)
         while self.free:
@@ -333,6 +333,8 @@ class Scheduler:
 
     def deliver(self) -> list[Deliver]:
         """What every client that got batches since the last call can be sent now."""
+        if not self.pending:  # the broker asks on every pass of its loop
+            return []
         pending, self.pending = self.pending, {}
         effects = [self._deliver(self.clients[identity]) for identity in pending]
         return [effect for effect in effects if effect.items]
@@ -349,7 +351,7 @@ class Scheduler:
                     self._lease(client, item.slot, held=True)
                     # Keep enough slots out of client hands for every worker to keep filling.
                     if self.leased > len(self.slots) - len(self.workers):
-                        item = replace(item, copy=True)
+                        item = item._replace(copy=True)
                 self.served += 1
             items.append(item)
         return Deliver(client.identity, tuple(items), client.frames, client.credit, bool(client.assigned))

@@ -15,7 +15,7 @@ worker runs user code, and a bad frame costs that worker, never the loop.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ringfeed import protocol
 
@@ -31,8 +31,7 @@ _SLOT = struct.Struct("<I")
 _DONE = struct.Struct("<II")
 
 
-@dataclass(frozen=True, slots=True)
-class TaskMsg:
+class TaskMsg(NamedTuple):
     slot: int
     epoch: int
     index: int

@@ -2,7 +2,11 @@
 
 Each script runs once per module, as a subprocess from the repository root,
 writing into a temporary folder so the committed results stay as they are
-(delivery.py with no ``--out``: the folder it picks itself).
+(delivery.py with no ``--out``: the folder it picks itself). The runs the
+selected tests need start together when the first of them is wanted, two at a
+time (``PARALLEL_RUNS``): much of a quick run is timed phases of fixed length,
+which overlap well, and these tests check only that every result is there and
+positive, never how fast.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,25 +31,19 @@ pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_ROUNDS = 2
 CORES = os.cpu_count() or 1
+PARALLEL_RUNS = 2
+RUN_TIMEOUT_S = 300  # the slowest quick run, fit.py, takes about half of it beside another run
 
 
 def worker_counts() -> list[int]:
     return sorted({CORES} | {2 ** k for k in range(CORES.bit_length()) if 2 ** k < CORES})
 
 
-def run_script(name: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_script(name: str, out: Path, *extra: str, timeout_s: float = 150) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *extra], cwd=ROOT,
-                          capture_output=True, text=True, timeout=150)
+                          capture_output=True, text=True, timeout=timeout_s)
     assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done
-
-
-def quick_run(script: str, out: Path) -> dict:
-    run_script(f"{script}.py", out, "--quick", "--out", str(out))
-    result = json.loads((out / f"{script}.json").read_text())
-    assert result["quick"] is True and result["rounds"] == QUICK_ROUNDS
-    assert result["machine"]["cores"] == CORES and result["versions"]["numba"]
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -53,28 +52,85 @@ def out(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def throughput(out) -> dict:
-    return quick_run("throughput", out)
+def image_folder(tmp_path_factory) -> Path:
+    """images.py's own folder: its data is made afresh there, and its results stay apart."""
+    return tmp_path_factory.mktemp("images")
+
+
+def quick_arguments(script: str, out: Path, image_folder: Path) -> list[str]:
+    if script == "delivery":
+        return ["--quick"]  # no --out: see the delivery fixture
+    if script == "remote":
+        return ["--quick", "--workload", "gather", "--out", str(out)]
+    if script == "images":
+        return ["--quick", "--out", str(image_folder / "out"), "--data-dir", str(image_folder / "data")]
+    return ["--quick", "--out", str(out)]
+
+
+def wanted_runs(request) -> list[str]:
+    """The scripts the selected tests of this module read the results of, in the order they come."""
+    needed = set()
+    for item in request.session.items:
+        if item.module is request.module:
+            needed |= set(item.fixturenames)
+    if "torch_fit" in needed and importlib.util.find_spec("torch") is not None:
+        needed.add("gpu_fit")
+    return [script for script in SCRIPTS if script in needed]
 
 
 @pytest.fixture(scope="module")
-def fit(out) -> dict:
-    return quick_run("fit", out)
+def runs(request, out, image_folder):
+    """Every wanted quick run, started now, ``PARALLEL_RUNS`` at a time: its ``Future``."""
+    with ThreadPoolExecutor(PARALLEL_RUNS) as pool:
+        futures = {script: pool.submit(run_script, f"{script}.py", out, *quick_arguments(script, out, image_folder),
+                                       timeout_s=RUN_TIMEOUT_S)
+                   for script in wanted_runs(request)}
+        yield futures
+        for future in futures.values():
+            future.cancel()  # those no test waited for, once a test failed early
+
+
+def finished(runs: dict[str, Future], script: str) -> subprocess.CompletedProcess:
+    return runs[script].result(timeout=len(SCRIPTS) * RUN_TIMEOUT_S)  # at worst, queued behind every other
+
+
+def quick_result(runs: dict[str, Future], script: str, folder: Path) -> dict:
+    finished(runs, script)
+    result = json.loads((folder / f"{script}.json").read_text())
+    assert result["quick"] is True and result["rounds"] == QUICK_ROUNDS
+    assert result["machine"]["cores"] == CORES and result["versions"]["numba"]
+    return result
 
 
 @pytest.fixture(scope="module")
-def gpu_fit(out) -> dict:
+def throughput(runs, out) -> dict:
+    return quick_result(runs, "throughput", out)
+
+
+@pytest.fixture(scope="module")
+def fit(runs, out) -> dict:
+    return quick_result(runs, "fit", out)
+
+
+@pytest.fixture(scope="module")
+def gpu_fit(runs, out) -> dict:
     pytest.importorskip("torch")
-    return quick_run("gpu_fit", out)
+    return quick_result(runs, "gpu_fit", out)
 
 
 @pytest.fixture(scope="module")
-def delivery(out) -> dict:
+def torch_fit(request) -> dict | None:
+    """gpu_fit's results if PyTorch is here, else None: the report renders with or without them."""
+    return request.getfixturevalue("gpu_fit") if importlib.util.find_spec("torch") is not None else None
+
+
+@pytest.fixture(scope="module")
+def delivery(runs, out) -> dict:
     """A quick run without ``--out``: it writes into a temporary folder and says which, leaving
     the committed results alone; its result is copied beside the others' for the report."""
     committed = ROOT / "benchmarks" / "results" / "delivery.json"
     before = committed.stat().st_mtime_ns if committed.exists() else None
-    done = run_script("delivery.py", out, "--quick")
+    done = finished(runs, "delivery")
     folder = Path(re.search(r"^writing the results to (\S+) ", done.stderr, re.M).group(1))
     try:
         assert folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith("ringfeed-delivery-")
@@ -104,8 +160,8 @@ def test_out_and_write_results_exclude_each_other():
 
 
 @pytest.fixture(scope="module")
-def remote(out) -> dict:
-    run_script("remote.py", out, "--quick", "--workload", "gather", "--out", str(out))
+def remote(runs, out) -> dict:
+    finished(runs, "remote")
     return json.loads((out / "remote-gather.json").read_text())
 
 
@@ -217,10 +273,8 @@ def test_remote_measures_raw_pyzmq_and_every_ringfeed_route(remote):
         assert (row["median_samples_per_s"] is None) == name.startswith("raw pyzmq")
 
 
-def test_report_renders_and_replaces_only_its_blocks(throughput, fit, delivery, remote, out, request):
-    with_torch = importlib.util.find_spec("torch") is not None
-    if with_torch:
-        request.getfixturevalue("gpu_fit")
+def test_report_renders_and_replaces_only_its_blocks(throughput, fit, delivery, remote, torch_fit, out):
+    with_torch = torch_fit is not None
     printed = run_script("report.py", out, "--results", str(out)).stdout
     assert ("Keras `model.fit` on the torch backend" in printed) == with_torch
     assert "tf.data map(AUTOTUNE)" in printed and "steps/s" in printed and "batches/s" in printed
@@ -251,16 +305,10 @@ IMAGE_CONTENDERS = {"tf.data", "tf.data-uint8", "keras-image-dataset", "torch-to
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> tuple[dict, Path]:
+def images(runs, image_folder) -> tuple[dict, Path]:
     """A quick run of its own (data made afresh in a temporary folder), apart from the others' results."""
     pytest.importorskip("sklearn")  # the photographs the JPEGs are cut from
-    folder = tmp_path_factory.mktemp("images")
-    out = folder / "out"
-    run_script("images.py", out, "--quick", "--out", str(out), "--data-dir", str(folder / "data"))
-    result = json.loads((out / "images.json").read_text())
-    assert result["quick"] is True and result["rounds"] == QUICK_ROUNDS
-    assert result["machine"]["cores"] == CORES and result["versions"]["numba"]
-    return result, out
+    return quick_result(runs, "images", image_folder / "out"), image_folder / "out"
 
 
 def test_images_measures_every_contender_or_says_why_not(images):

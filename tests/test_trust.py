@@ -99,10 +99,10 @@ def victim(tmp_path, real_welcome) -> Path:
 # -- a fake server ---------------------------------------------------------------
 
 class FakeServer:
-    """A ROUTER that answers HELLO with ``welcome`` (sent as given, unchecked), MODE with
-    ``after_mode`` if given, and records what the client says."""
+    """A ROUTER that answers HELLO with ``welcome`` (sent as given, unchecked), MODE with the
+    messages ``after_mode`` if given, and records what the client says."""
 
-    def __init__(self, welcome: dict, after_mode: list[bytes] | None = None):
+    def __init__(self, welcome: dict, *after_mode: list[bytes]):
         self.after_mode = after_mode
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.body = json.dumps(welcome).encode()
@@ -125,8 +125,8 @@ class FakeServer:
                     self._sock.send_multipart([identity, protocol.WELCOME, self.body])
                 elif command == protocol.MODE:
                     self.modes.append(rest[0])
-                    if self.after_mode:
-                        self._sock.send_multipart([identity, *self.after_mode])
+                    for message in self.after_mode:
+                        self._sock.send_multipart([identity, *message])
         finally:
             self._sock.close(0)
 
@@ -272,7 +272,7 @@ def test_a_batch_descriptor_outside_the_ring_is_refused(base_welcome, decoy):
     slots = base_welcome["layout"]["slots"]
     outside = protocol.batches([protocol.BatchMsg(slots, 0, 0, 0, 0)])
     _assign_mailbox(base_welcome, decoy)
-    with FakeServer(base_welcome, after_mode=outside) as server:
+    with FakeServer(base_welcome, outside) as server:
         feed = Feed(server.endpoint, timeout_s=5.0, prefetch=PREFETCH, transport="shm")
         try:
             with pytest.raises(RingfeedError, match=f"slot {slots}, expected 0 to {slots - 1}"):
@@ -285,12 +285,35 @@ def test_a_batch_frame_of_the_wrong_size_is_refused_naming_its_field(base_welcom
     fields = base_welcome["layout"]["fields"]
     sizes = [int(np.prod(f["shape"])) * np.dtype(f["dtype"]).itemsize for f in fields]
     short = [*protocol.batch(protocol.BatchMsg(0, 0, 0, 0, 0)), *(bytes(n) for n in sizes[:-1]), bytes(sizes[-1] - 1)]
-    with FakeServer(base_welcome, after_mode=short) as server:
+    with FakeServer(base_welcome, short) as server:
         feed = Feed(server.endpoint, timeout_s=5.0, prefetch=PREFETCH, transport="frames")
         try:
             with pytest.raises(protocol.ProtocolError, match=f"field '{fields[-1]['name']}' is {sizes[-1] - 1} "
                                                              f"bytes, expected {sizes[-1]}"):
                 feed.next_batch()
+        finally:
+            feed.close()
+
+
+def test_the_batches_before_a_malformed_message_are_kept(base_welcome):
+    """The ProtocolError of a bad message costs that message only: the batch that came before
+    it in the same take is still handed out."""
+    fields = base_welcome["layout"]["fields"]
+    sizes = [int(np.prod(f["shape"])) * np.dtype(f["dtype"]).itemsize for f in fields]
+    good = [*protocol.batch(protocol.BatchMsg(0, 0, 0, 0, 0)), *(bytes([7]) * n for n in sizes)]
+    short = [*protocol.batch(protocol.BatchMsg(0, 0, 0, 1, 1)), *(bytes(n) for n in sizes[:-1])]  # a frame short
+    with FakeServer(base_welcome, good, short) as server:
+        feed = Feed(server.endpoint, timeout_s=5.0, prefetch=PREFETCH, transport="frames")
+        try:
+            time.sleep(0.5)  # both are on the socket before the first call: one take reads them
+            outcomes = []
+            for _ in range(2):
+                try:
+                    x, _ = feed.next_batch(copy=True)
+                    outcomes.append(("batch", feed.last_batch, bool((x.view(np.uint8) == 7).all())))
+                except protocol.ProtocolError as exc:
+                    outcomes.append(("error", f"BATCH: expected {2 + len(fields)} frame(s)" in str(exc)))
+            assert sorted(outcomes) == [("batch", (0, 0), True), ("error", True)], outcomes
         finally:
             feed.close()
 
@@ -573,7 +596,7 @@ def test_a_bad_frame_the_heartbeat_takes_is_the_feeds_failure_and_the_heartbeat_
     libzmq's I/O thread, shared by every socket of the process, waits while a monitor is full."""
     fields = base_welcome["layout"]["fields"]
     bad = [*protocol.batch(protocol.BatchMsg(0, 0, 0, 0, 0)), *(b"" for _ in fields)]
-    with FakeServer(base_welcome, after_mode=bad) as server:
+    with FakeServer(base_welcome, bad) as server:
         feed = Feed(server.endpoint, timeout_s=5.0, prefetch=PREFETCH, transport="frames")
         try:
             deadline = time.monotonic() + 10 * feed.heartbeat_s
