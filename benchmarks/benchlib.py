@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -219,6 +220,34 @@ def timed(pull, seconds: float, warmup: int) -> tuple[int, float]:
         now = time.perf_counter()
         if now >= deadline:
             return calls, now - start
+
+
+class IteratorPerRound:
+    """For a contender whose ``start`` builds a tf.data ``dataset``: a fresh iterator each round.
+    Left running between rounds, its AUTOTUNE map and prefetch would keep filling buffers in this
+    process's threads, on the CPU of whichever loader is timed next."""
+
+    @contextmanager
+    def round(self):
+        self.it = iter(self.dataset)
+        try:
+            yield self.pull
+        finally:
+            self.it = None
+
+    def pull(self):
+        return next(self.it)[0]
+
+
+def torch_loader(dataset, workers: int, worker_init_fn, batch_size: int | None, sampler=None):
+    """A PyTorch DataLoader as every torch contender runs it: forked workers, each set up by
+    ``worker_init_fn``, and bounded waits; ``sampler`` by default an endless random one."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if sampler is None:
+        sampler = RandomSampler(dataset, replacement=True, num_samples=1 << 62)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, sampler=sampler,
+                      worker_init_fn=worker_init_fn, multiprocessing_context="fork", timeout=LOADER_TIMEOUT_S)
 
 
 def shape_dtype(a) -> tuple[tuple, str]:

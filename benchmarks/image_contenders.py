@@ -102,9 +102,8 @@ def tf_pipeline(paths, labels, dtype: str, batch: int):
              .prefetch(tf.data.AUTOTUNE)
 
 
-class TfContender(Contender):
-    """A tf.data pipeline, iterated anew each round: left running between rounds, its AUTOTUNE map
-    and prefetch keep filling buffers on the CPU of whichever loader is timed next."""
+class TfContender(benchlib.IteratorPerRound, Contender):
+    """A tf.data pipeline, iterated anew each round (``benchlib.IteratorPerRound``)."""
 
     def __init__(self, name, label, dtype, batch, make):
         super().__init__(name, label, dtype, batch)
@@ -113,17 +112,6 @@ class TfContender(Contender):
     def start(self, warmup: int) -> None:
         self.dataset = self.make()
         super().start(warmup)
-
-    @contextmanager
-    def round(self):
-        self.it = iter(self.dataset)
-        try:
-            yield self.pull
-        finally:
-            self.it = None
-
-    def pull(self):
-        return next(self.it)[0]
 
 
 def tf_data(paths, labels, dtype: str, batch: int) -> TfContender:
@@ -243,13 +231,7 @@ class TorchLoader(Contender):
         self.kind = "dataloader"
 
     def start(self, warmup: int) -> None:
-        from torch.utils.data import DataLoader, RandomSampler
-
-        loader = DataLoader(self.dataset, batch_size=self.batch, num_workers=self.workers,
-                            sampler=RandomSampler(self.dataset, replacement=True, num_samples=1 << 62),
-                            worker_init_fn=_torch_worker_init, multiprocessing_context="fork",
-                            timeout=benchlib.LOADER_TIMEOUT_S)
-        self.it = iter(loader)
+        self.it = iter(benchlib.torch_loader(self.dataset, self.workers, _torch_worker_init, self.batch))
         super().start(warmup)
 
     def pull(self):

@@ -182,7 +182,7 @@ class SampleCost(NumbaThreads):
         return self.out["features"]
 
 
-class TfData(Contender):
+class TfData(benchlib.IteratorPerRound, Contender):
     def __init__(self, features, labels):
         super().__init__("tf.data", "tf.data map(AUTOTUNE)")
         self.features, self.labels = features, labels
@@ -190,19 +190,6 @@ class TfData(Contender):
     def start(self, warmup: int) -> None:
         self.dataset = benchlib.tf_pipeline(self.features, self.labels)
         super().start(warmup)
-
-    @contextmanager
-    def round(self):
-        # A pipeline per round: left running between rounds, its AUTOTUNE map and prefetch keep
-        # filling buffers in this process's threads, on the CPU of whichever loader is timed next.
-        self.it = iter(self.dataset)
-        try:
-            yield self.pull
-        finally:
-            self.it = None
-
-    def pull(self):
-        return next(self.it)[0]
 
 
 def make_pydataset(features, labels, workers: int):
@@ -301,19 +288,12 @@ class TorchLoader(Contender):
         self.features, self.labels, self.batch_level = features, labels, batch_level
 
     def start(self, warmup: int) -> None:
-        from torch.utils.data import DataLoader, RandomSampler
-
         if self.batch_level:
-            loader = DataLoader(NumbaBatchDataset(self.features, self.labels), batch_size=None,
-                                sampler=itertools.count(), num_workers=self.workers,
-                                worker_init_fn=_torch_worker_init, multiprocessing_context="fork",
-                                timeout=benchlib.LOADER_TIMEOUT_S)
+            loader = benchlib.torch_loader(NumbaBatchDataset(self.features, self.labels), self.workers,
+                                           _torch_worker_init, None, sampler=itertools.count())
         else:
-            dataset = PerSampleDataset(self.features, self.labels)
-            loader = DataLoader(dataset, batch_size=BATCH, num_workers=self.workers,
-                                sampler=RandomSampler(dataset, replacement=True, num_samples=1 << 62),
-                                worker_init_fn=_torch_worker_init, multiprocessing_context="fork",
-                                timeout=benchlib.LOADER_TIMEOUT_S)
+            loader = benchlib.torch_loader(PerSampleDataset(self.features, self.labels), self.workers,
+                                           _torch_worker_init, BATCH)
         self.it = iter(loader)
         super().start(warmup)
 
