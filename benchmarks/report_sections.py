@@ -8,6 +8,14 @@ import os
 from pathlib import Path
 
 
+
+def skipped_and_plot(result: dict, png: Path, alt: str, readme_dir: Path) -> list[str]:
+    """A section's closing lines: each contender it could not measure, and its plot if there is one."""
+    lines = [f"\n{skipped['name']} not measured: {skipped['reason']}." for skipped in result.get("skipped", [])]
+    if png.exists():
+        lines += ["", f"![{alt}]({Path(os.path.relpath(png, readme_dir)).as_posix()})"]
+    return lines
+
 def machine_line(result: dict) -> str:
     m, v = result["machine"], result["versions"]
     libs = ", ".join(f"{k} {v[k]}" for k in ("numpy", "numba", "tensorflow", "keras", "pyzmq", "torch") if v.get(k))
@@ -64,12 +72,7 @@ def throughput_section(result: dict, results: Path, readme_dir: Path) -> list[st
               "\"plain stores\" row is the same service with `streaming_stores = false`. Keras PyDataset and the "
               "per-sample PyTorch DataLoader run the classic generator's per-sample numpy code; the batch-level "
               "DataLoader runs ringfeed's kernels."]
-    for skipped in result.get("skipped", []):
-        lines.append(f"\n{skipped['name']} not measured: {skipped['reason']}.")
-    png = results / "throughput.png"
-    if png.exists():
-        lines += ["", f"![Loader throughput]({Path(os.path.relpath(png, readme_dir)).as_posix()})"]
-    return lines
+    return lines + skipped_and_plot(result, results / "throughput.png", "Loader throughput", readme_dir)
 
 
 def fit_section(result: dict) -> list[str]:
@@ -196,9 +199,4 @@ def images_section(result: dict, results: Path, readme_dir: Path) -> list[str]:
               f"{d['full_us_per_image']:,.0f} µs at full size (one thread's CPU time, median of {d['rounds']} "
               f"rounds): {d['share_saved']:.1%} of the decode time saved ({d['median_round_share_saved']:.1%} per "
               f"round); scales used: {factors}."]
-    for skipped in result.get("skipped", []):
-        lines.append(f"\n{skipped['name']} not measured: {skipped['reason']}.")
-    png = results / "images.png"
-    if png.exists():
-        lines += ["", f"![Image files]({Path(os.path.relpath(png, readme_dir)).as_posix()})"]
-    return lines
+    return lines + skipped_and_plot(result, results / "images.png", "Image files", readme_dir)
