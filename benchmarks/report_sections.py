@@ -8,13 +8,13 @@ import os
 from pathlib import Path
 
 
-
 def skipped_and_plot(result: dict, png: Path, alt: str, readme_dir: Path) -> list[str]:
     """A section's closing lines: each contender it could not measure, and its plot if there is one."""
     lines = [f"\n{skipped['name']} not measured: {skipped['reason']}." for skipped in result.get("skipped", [])]
     if png.exists():
         lines += ["", f"![{alt}]({Path(os.path.relpath(png, readme_dir)).as_posix()})"]
     return lines
+
 
 def machine_line(result: dict) -> str:
     m, v = result["machine"], result["versions"]
