@@ -78,8 +78,21 @@ def wanted_runs(request) -> list[str]:
     return [script for script in SCRIPTS if script in needed]
 
 
+COMMITTED_DELIVERY = ROOT / "benchmarks" / "results" / "delivery.json"
+
+
+def mtime_ns(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
 @pytest.fixture(scope="module")
-def runs(request, out, image_folder):
+def committed_delivery_before() -> int | None:
+    """The committed delivery results' mtime before any quick run has started."""
+    return mtime_ns(COMMITTED_DELIVERY)
+
+
+@pytest.fixture(scope="module")
+def runs(request, out, image_folder, committed_delivery_before):
     """Every wanted quick run, started now, ``PARALLEL_RUNS`` at a time: its ``Future``."""
     with ThreadPoolExecutor(PARALLEL_RUNS) as pool:
         futures = {script: pool.submit(run_script, f"{script}.py", out, *quick_arguments(script, out, image_folder),
@@ -125,11 +138,9 @@ def torch_fit(request) -> dict | None:
 
 
 @pytest.fixture(scope="module")
-def delivery(runs, out) -> dict:
+def delivery(runs, out, committed_delivery_before) -> dict:
     """A quick run without ``--out``: it writes into a temporary folder and says which, leaving
     the committed results alone; its result is copied beside the others' for the report."""
-    committed = ROOT / "benchmarks" / "results" / "delivery.json"
-    before = committed.stat().st_mtime_ns if committed.exists() else None
     done = finished(runs, "delivery")
     folder = Path(re.search(r"^writing the results to (\S+) ", done.stderr, re.M).group(1))
     try:
@@ -137,7 +148,7 @@ def delivery(runs, out) -> dict:
         shutil.copy(folder / "delivery.json", out / "delivery.json")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    assert (committed.stat().st_mtime_ns if committed.exists() else None) == before
+    assert mtime_ns(COMMITTED_DELIVERY) == committed_delivery_before
     result = json.loads((out / "delivery.json").read_text())
     assert result["quick"] is True and result["rounds"] == QUICK_ROUNDS
     return result
