@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import uuid
@@ -26,6 +27,13 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture
 def name() -> str:
     return "t" + uuid.uuid4().hex[:10]
+
+
+def default_sigint() -> None:
+    """A child's ``preexec_fn``: SIGINT as a terminal's foreground job has it. A suite started in
+    the background by a non-interactive shell inherits SIGINT ignored, and a Python started so
+    never raises KeyboardInterrupt: a test of Ctrl-C would then test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def free_port() -> int:

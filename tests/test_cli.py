@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, segments_of
+from conftest import default_sigint, free_port, segments_of
 
 from ringfeed import Feed, paths
 from ringfeed.status import query_status
@@ -260,7 +260,8 @@ def test_a_bad_endpoint_is_a_one_line_error(endpoint):
 def test_a_ctrl_c_to_the_trainers_process_group_leaves_its_service_running(name):
     # start_new_session: the SIGINT the trainer sends its own group does not reach this test
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "sigint_trainer.py"), name],
-                          capture_output=True, text=True, timeout=120, start_new_session=True)
+                          capture_output=True, text=True, timeout=120, start_new_session=True,
+                          preexec_fn=default_sigint)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith("before ") and lines[1] == "interrupted"

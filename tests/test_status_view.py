@@ -14,7 +14,7 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import rgb_images
+from conftest import default_sigint, rgb_images
 
 from ringfeed import Feed
 from ringfeed.paths import default_endpoint
@@ -90,7 +90,8 @@ class Watch:
     def __init__(self, name: str):
         self.master, slave = pty.openpty()
         self.proc = subprocess.Popen([*RINGFEED, "status", "--name", name, "--watch", "--interval-s",
-                                      str(INTERVAL_S)], stdin=slave, stdout=slave, stderr=slave)
+                                      str(INTERVAL_S)], stdin=slave, stdout=slave, stderr=slave,
+                                     preexec_fn=default_sigint)
         os.close(slave)
         self.screen = b""
 
